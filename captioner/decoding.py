@@ -1,0 +1,162 @@
+"""Caption generation: batched greedy decoding and beam search with n-best output.
+
+Both work on the whole batch at once (B images x K beams as one tensor batch); there is no
+per-image Python loop. They are pure functions of (model, visual embedding, options).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captioner.config import DecodingOptions
+from captioner.model import CaptionModel
+from captioner.vocab import Vocab
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One generated caption as token ids (without <bos>/<eos>) and its scores."""
+
+    tokens: tuple[int, ...]
+    log_prob: float  # total log-probability of the generated tokens, <eos> included
+    score: float  # log_prob / length**length_penalty: what hypotheses are ranked by
+    finished: bool  # False when max_length cut the caption before <eos>
+
+
+@torch.inference_mode()
+def generate(
+    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+) -> list[list[Hypothesis]]:
+    """The n-best captions for each visual embedding (B, V): greedy when beam_size is 1."""
+    options.validate()
+    if options.beam_size == 1:
+        return [[h] for h in greedy_decode(model, visual, vocab, options)]
+    return beam_search(model, visual, vocab, options)
+
+
+def constrain(
+    log_probs: torch.Tensor, history: torch.Tensor, vocab: Vocab, options: DecodingOptions
+) -> torch.Tensor:
+    """Apply the decoding rules to next-token log-probs (N, vocab) given generated ids (N, t)."""
+    log_probs = log_probs.clone()
+    log_probs[:, [vocab.pad_id, vocab.bos_id]] = NEG_INF  # never generated, only used as inputs
+    if options.suppress_unk:
+        log_probs[:, vocab.unk_id] = NEG_INF
+    steps = history.shape[1]
+    if steps < options.min_length:
+        log_probs[:, vocab.eos_id] = NEG_INF
+    n = options.no_repeat_ngram_size
+    if n > 0 and steps >= n:
+        # Every earlier n-gram whose first n-1 tokens equal the last n-1 generated ones bans
+        # its final token; all hypotheses at once.
+        windows = history.unfold(1, n, 1)  # (N, steps-n+1, n)
+        prefix = history[:, steps - (n - 1) :].unsqueeze(1)  # (N, 1, n-1)
+        matches = (windows[:, :, : n - 1] == prefix).all(-1)  # (N, steps-n+1)
+        banned = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.float())
+        log_probs = log_probs.masked_fill(banned > 0, NEG_INF)
+    return log_probs
+
+
+def _finished_row(vocab_size: int, pad_id: int, like: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs for a finished hypothesis: <pad> at no cost, nothing else."""
+    row = like.new_full((vocab_size,), NEG_INF)
+    row[pad_id] = 0.0
+    return row
+
+
+def greedy_decode(
+    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+) -> list[Hypothesis]:
+    """The single most likely next token at every step, for the whole batch at once."""
+    batch = visual.shape[0]
+    state = model.decoder.init_state(visual)
+    last = torch.full((batch,), vocab.bos_id, dtype=torch.long, device=visual.device)
+    history = last.new_empty((batch, 0))
+    totals = visual.new_zeros(batch, dtype=torch.float32)
+    finished = torch.zeros(batch, dtype=torch.bool, device=visual.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=visual.device)
+    for _ in range(options.max_length):
+        log_probs, state = model.decoder.step(last, state, visual)  # (B, vocab)
+        log_probs = constrain(log_probs, history, vocab, options)
+        log_probs = torch.where(
+            finished.unsqueeze(1), _finished_row(len(vocab), vocab.pad_id, log_probs), log_probs
+        )
+        # The same arithmetic as a beam of one (running total + step), so ties break alike.
+        totals, last = (totals.unsqueeze(1) + log_probs).topk(1, dim=1)
+        totals, last = totals.squeeze(1), last.squeeze(1)
+        history = torch.cat([history, last.unsqueeze(1)], dim=1)
+        lengths += (~finished).long()
+        finished |= last == vocab.eos_id
+        if bool(finished.all()):
+            break
+    return [group[0] for group in _hypotheses(history, totals, lengths, finished, vocab, options)]
+
+
+def beam_search(
+    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+) -> list[list[Hypothesis]]:
+    """Beam search over the whole batch; returns the top ``num_captions`` per item, best first.
+
+    Finished hypotheses stay in the beam with their score frozen (they can only add free
+    <pad>s), so a beam that never emits <eos> simply ends at ``max_length``.
+    """
+    batch, beams, vocab_size = visual.shape[0], options.beam_size, len(vocab)
+    device = visual.device
+    visual = visual.repeat_interleave(beams, dim=0)  # (B*K, V)
+    h, c = model.decoder.init_state(visual)
+    scores = torch.full((batch, beams), NEG_INF, device=device)
+    scores[:, 0] = 0.0  # one live beam per item at the start, so the first step gives K distinct
+    last = torch.full((batch * beams,), vocab.bos_id, dtype=torch.long, device=device)
+    history = last.new_empty((batch * beams, 0))
+    finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * beams, dtype=torch.long, device=device)
+    offsets = (torch.arange(batch, device=device) * beams).unsqueeze(1)  # (B, 1)
+    for _ in range(options.max_length):
+        log_probs, (h, c) = model.decoder.step(last, (h, c), visual)  # (B*K, vocab)
+        log_probs = constrain(log_probs, history, vocab, options)
+        log_probs = torch.where(
+            finished.unsqueeze(1), _finished_row(vocab_size, vocab.pad_id, log_probs), log_probs
+        )
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab_size)
+        scores, flat_index = candidates.topk(beams, dim=1)  # (B, K), best first
+        origin = (flat_index // vocab_size + offsets).view(-1)  # (B*K,) beam each one extends
+        last = (flat_index % vocab_size).view(-1)
+        history = torch.cat([history[origin], last.unsqueeze(1)], dim=1)
+        was_finished = finished[origin]
+        lengths = lengths[origin] + (~was_finished).long()
+        finished = was_finished | (last == vocab.eos_id)
+        h, c = h[:, origin], c[:, origin]
+        if bool(finished.all()):
+            break
+    return _hypotheses(history, scores.view(-1), lengths, finished, vocab, options, beams)
+
+
+def _hypotheses(
+    history: torch.Tensor,
+    log_probs: torch.Tensor,
+    lengths: torch.Tensor,
+    finished: torch.Tensor,
+    vocab: Vocab,
+    options: DecodingOptions,
+    beams: int = 1,
+) -> list[list[Hypothesis]]:
+    """Group flat (B*K) results per item, rank by length-penalised score, keep the n-best."""
+    rows, totals = history.tolist(), log_probs.tolist()
+    lengths_list, finished_list = lengths.tolist(), finished.tolist()
+    results: list[list[Hypothesis]] = []
+    for start in range(0, len(rows), beams):
+        group = []
+        for i in range(start, start + beams):
+            if totals[i] == NEG_INF:  # a slot that never held a live hypothesis
+                continue
+            words = tuple(t for t in rows[i][: lengths_list[i]] if t != vocab.eos_id)
+            length = max(lengths_list[i], 1)
+            score = totals[i] / length**options.length_penalty
+            group.append(Hypothesis(words, totals[i], score, finished_list[i]))
+        group.sort(key=lambda hyp: -hyp.score)  # stable: equal scores keep beam order
+        results.append(group[: options.num_captions])
+    return results

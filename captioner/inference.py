@@ -1,0 +1,266 @@
+"""Captioner: load a model once, then caption images, frame sequences and videos.
+
+This is the one inference interface the HTTP service uses; it knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.config import DecodingOptions
+from captioner.decoding import generate
+from captioner.errors import InvalidMediaError, ModelLoadError
+from captioner.media import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    Preprocessor,
+    VideoInfo,
+    VideoLimits,
+    VideoSource,
+    load_image,
+    read_video,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One generated caption and its total log-probability."""
+
+    text: str
+    log_prob: float
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """The n-best captions for one input, best first; ``video`` is set for videos."""
+
+    captions: list[Caption]
+    video: VideoInfo | None = None
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0].text if self.captions else ""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """fp32 on the CPU; bf16 (or fp16 on older GPUs) autocast on CUDA."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    return dtypes[precision]
+
+
+class Captioner:
+    """A loaded model plus its preprocessing; thread-safe for ``prepare_*``, one batch at a time
+    for ``caption_*``."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        name: str = "captioner",
+        max_batch_size: int = 32,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(self.device, precision)
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.to(self.device).eval()
+        self.vocab = checkpoint.vocab
+        self.preprocess = Preprocessor(checkpoint.preprocess)
+        self.name = str(checkpoint.metadata.get("name", name))
+        self.version = str(checkpoint.metadata.get("version", "0"))
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        num_threads: int | None = None,
+        max_batch_size: int = 32,
+    ) -> Captioner:
+        """Load a checkpoint folder; ``None`` loads the default model shipped with the package."""
+        if path is None:
+            path = DEFAULT_MODEL_DIR
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"no default model at {path}; train one with `captioner train` "
+                    "and pass it with --model"
+                )
+        if resolve_device(device).type == "cpu":
+            # The process's CPU affinity, not the host's core count: right inside containers.
+            torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+        checkpoint = load_checkpoint(path)
+        return cls(
+            checkpoint,
+            device=device,
+            precision=precision,
+            name=Path(path).name,
+            max_batch_size=max_batch_size,
+        )
+
+    # -- options -------------------------------------------------------------------------
+
+    def options(self, base: DecodingOptions | None = None, **overrides: Any) -> DecodingOptions:
+        """The model's default decoding options with ``overrides`` applied, validated."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return replace(base or self.checkpoint.decoding, **overrides).validate()
+
+    @property
+    def num_frames(self) -> int:
+        return self.checkpoint.preprocess.num_frames
+
+    # -- preprocessing (CPU work, safe to run in worker threads) ---------------------------
+
+    def prepare_image(
+        self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> torch.Tensor:
+        """An image as a one-frame sequence tensor (1, 3, S, S)."""
+        return self.preprocess(load_image(source, max_pixels=max_pixels)).unsqueeze(0)
+
+    def prepare_frames(
+        self, frames: Sequence[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> torch.Tensor:
+        """An ordered frame sequence as a (T, 3, S, S) tensor."""
+        if not frames:
+            raise InvalidMediaError("a frame sequence needs at least one frame")
+        return self.preprocess.frames([load_image(f, max_pixels=max_pixels) for f in frames])
+
+    def prepare_video(
+        self,
+        source: VideoSource,
+        num_frames: int | None = None,
+        limits: VideoLimits | None = None,
+    ) -> tuple[torch.Tensor, VideoInfo]:
+        """``num_frames`` frames sampled uniformly over a video, as a (T, 3, S, S) tensor."""
+        frames, info = read_video(source, num_frames or self.num_frames, limits)
+        return self.preprocess.frames(frames), info
+
+    # -- the batched model call ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.dtype == torch.float32:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                yield
+
+    @torch.inference_mode()
+    def caption_tensors(
+        self,
+        sequences: Sequence[torch.Tensor],
+        options: DecodingOptions | Sequence[DecodingOptions] | None = None,
+    ) -> list[list[Caption]]:
+        """Caption a batch of frame sequences (each (T_i, 3, S, S)) in one encoder pass.
+
+        ``options`` is one set for all, or one per sequence: sequences are encoded together and
+        then decoded in groups of equal options, so mixed requests still share the CNN.
+        """
+        if not sequences:
+            return []
+        per_item = _per_item_options(options or self.checkpoint.decoding, len(sequences))
+        results: list[list[Caption]] = []
+        for start in range(0, len(sequences), self.max_batch_size):
+            chunk = sequences[start : start + self.max_batch_size]
+            results.extend(self._caption_chunk(chunk, per_item[start : start + len(chunk)]))
+        return results
+
+    def _caption_chunk(
+        self, sequences: Sequence[torch.Tensor], options: list[DecodingOptions]
+    ) -> list[list[Caption]]:
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        frames = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
+        frames = frames.to(self.device, non_blocking=True)  # (B, T, 3, S, S)
+        with self._autocast():
+            visual = self.model.encode(lengths, frames=frames)  # (B, V)
+            results: list[list[Caption]] = [[] for _ in sequences]
+            groups: dict[DecodingOptions, list[int]] = {}
+            for index, opts in enumerate(options):
+                groups.setdefault(opts, []).append(index)
+            for opts, indices in groups.items():
+                picked = torch.tensor(indices, device=self.device)
+                for index, hyps in zip(
+                    indices, generate(self.model, visual[picked], self.vocab, opts), strict=True
+                ):
+                    results[index] = [
+                        Caption(self.vocab.decode(h.tokens), round(h.log_prob, 4)) for h in hyps
+                    ]
+        return results
+
+    # -- convenience entry points --------------------------------------------------------
+
+    def caption_images(
+        self, images: Sequence[ImageSource], options: DecodingOptions | None = None
+    ) -> list[CaptionResult]:
+        """Caption images (PIL images, bytes or paths) in batches."""
+        tensors = [self.prepare_image(image) for image in images]
+        return [CaptionResult(c) for c in self.caption_tensors(tensors, options)]
+
+    def caption_frames(
+        self, frames: Sequence[ImageSource], options: DecodingOptions | None = None
+    ) -> CaptionResult:
+        """Describe one ordered frame sequence."""
+        return CaptionResult(self.caption_tensors([self.prepare_frames(frames)], options)[0])
+
+    def caption_video(
+        self,
+        source: VideoSource,
+        num_frames: int | None = None,
+        options: DecodingOptions | None = None,
+        limits: VideoLimits | None = None,
+    ) -> CaptionResult:
+        """Describe a video file (path or bytes) from ``num_frames`` uniformly sampled frames."""
+        tensor, info = self.prepare_video(source, num_frames, limits)
+        return CaptionResult(self.caption_tensors([tensor], options)[0], video=info)
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and the service's /v1/models."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "encoder": self.model.config.encoder.name,
+            "vocab_size": len(self.vocab),
+            "preprocess": vars(self.checkpoint.preprocess),
+            "decoding_defaults": vars(self.checkpoint.decoding),
+        }
+
+
+def _per_item_options(
+    options: DecodingOptions | Sequence[DecodingOptions], count: int
+) -> list[DecodingOptions]:
+    if isinstance(options, DecodingOptions):
+        return [options.validate()] * count
+    if len(options) != count:
+        raise ValueError(f"got {len(options)} option sets for {count} inputs")
+    return [o.validate() for o in options]

@@ -1,0 +1,269 @@
+"""Media in, pixels out: bytes/paths/PIL images -> RGB images; video files -> sampled frames.
+
+Everything that can fail on user input raises ``InvalidMediaError`` (or ``MediaTooLargeError``)
+with a message fit to show the user.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from captioner.config import PreprocessConfig
+from captioner.errors import InvalidMediaError, MediaTooLargeError
+
+log = logging.getLogger(__name__)
+
+ImageSource = Image.Image | bytes | str | Path
+VideoSource = bytes | str | Path
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a decompression-bomb guard: about 6300 x 6300
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".webm", ".avi", ".mov", ".mkv", ".gif", ".mpg"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+
+_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    return type(source).__name__
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image from a PIL image, bytes or a path as RGB, honouring EXIF orientation."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            data: IO[bytes] | Path = (
+                io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+            )
+            image = Image.open(data)
+        except FileNotFoundError as exc:
+            raise InvalidMediaError(f"{source}: no such file") from exc
+        except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
+            raise InvalidMediaError(f"{_describe(source)}: not a readable image") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise MediaTooLargeError(
+            f"{_describe(source)}: image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        raise InvalidMediaError(f"{_describe(source)}: image data is corrupt ({exc})") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels; transparency is composited onto white, as a viewer would show it."""
+    if image.mode == "RGB":
+        image.load()
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class Preprocessor:
+    """Turns RGB images into normalised (3, S, S) tensors exactly as the model was trained."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        if config.interpolation not in _INTERPOLATION:
+            raise InvalidMediaError(f"unknown interpolation {config.interpolation!r}")
+        self.config = config
+        self._mean = torch.tensor(config.mean).view(3, 1, 1)
+        self._std = torch.tensor(config.std).view(3, 1, 1)
+
+    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+        """Shorter side to ``resize_size``, then a centre crop of ``image_size``."""
+        cfg = self.config
+        width, height = image.size
+        scale = cfg.resize_size / min(width, height)
+        new_size = (
+            max(cfg.image_size, round(width * scale)),
+            max(cfg.image_size, round(height * scale)),
+        )
+        if new_size != image.size:
+            image = image.resize(new_size, _INTERPOLATION[cfg.interpolation], reducing_gap=3.0)
+        left = (new_size[0] - cfg.image_size) // 2
+        top = (new_size[1] - cfg.image_size) // 2
+        if (left, top) != (0, 0) or new_size[0] != cfg.image_size or new_size[1] != cfg.image_size:
+            image = image.crop((left, top, left + cfg.image_size, top + cfg.image_size))
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(self.resize_and_crop(image.convert("RGB")), dtype=np.float32)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).div_(255.0)  # (3, S, S)
+        return tensor.sub_(self._mean).div_(self._std)
+
+    def frames(self, images: list[Image.Image]) -> torch.Tensor:
+        """Stack a frame sequence into a (T, 3, S, S) tensor."""
+        return torch.stack([self(image) for image in images])
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a decoded video was: reported back to clients."""
+
+    duration_s: float
+    fps: float
+    codec: str
+    total_frames: int
+    width: int
+    height: int
+    frames_used: int
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on what a video may cost to decode."""
+
+    max_duration_s: float = 600.0
+    max_pixels: int = 4096 * 2160
+    max_total_frames: int = 100_000
+
+
+@contextmanager
+def _open_container(source: VideoSource) -> Iterator[av.container.InputContainer]:
+    try:
+        if isinstance(source, bytes):
+            container = av.open(io.BytesIO(source), mode="r")
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InvalidMediaError(f"{source}: no such file")
+            container = av.open(str(path), mode="r")
+    except InvalidMediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise InvalidMediaError(f"{_describe(source)}: not a readable video ({exc})") from exc
+    try:
+        yield container
+    finally:
+        container.close()
+
+
+def sample_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Indices of ``num_frames`` frames spread uniformly over ``total_frames`` (segment centres)."""
+    if total_frames <= 0:
+        return []
+    return [
+        min(total_frames - 1, int((i + 0.5) * total_frames / num_frames)) for i in range(num_frames)
+    ]
+
+
+def read_video(
+    source: VideoSource, num_frames: int, limits: VideoLimits | None = None
+) -> tuple[list[Image.Image], VideoInfo]:
+    """Decode ``num_frames`` frames sampled uniformly over a video's duration.
+
+    Memory stays bounded: frames stream through the decoder and only the sampled ones are kept.
+    A first pass counts packets (no decoding) when the container does not state its frame count.
+    """
+    limits = limits or VideoLimits()
+    if num_frames < 1:
+        raise InvalidMediaError("num_frames must be at least 1")
+    try:
+        with _open_container(source) as container:
+            if not container.streams.video:
+                raise InvalidMediaError(f"{_describe(source)}: has no video stream")
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > limits.max_pixels:
+                raise MediaTooLargeError(
+                    f"video frames are {width}x{height}, "
+                    f"over the limit of {limits.max_pixels} pixels"
+                )
+            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+            duration = _duration_seconds(container, stream)
+            if duration > limits.max_duration_s:
+                raise MediaTooLargeError(
+                    f"video lasts {duration:.1f} s, over the limit of {limits.max_duration_s:g} s"
+                )
+            total = stream.frames if stream.frames > 0 else _count_packets(container, stream)
+            if total > limits.max_total_frames:
+                raise MediaTooLargeError(
+                    f"video has {total} frames, over the limit of {limits.max_total_frames}"
+                )
+        with _open_container(source) as container:
+            frames = _decode_sampled(container, sample_indices(total, num_frames))
+    except (av.FFmpegError, EOFError, ValueError) as exc:
+        raise InvalidMediaError(f"{_describe(source)}: video data is corrupt ({exc})") from exc
+    if not frames:
+        raise InvalidMediaError(f"{_describe(source)}: video has no decodable frames")
+    if duration <= 0 and fps > 0:
+        duration = total / fps
+    info = VideoInfo(
+        duration_s=round(duration, 3),
+        fps=round(fps, 3),
+        codec=codec,
+        total_frames=total,
+        width=width,
+        height=height,
+        frames_used=len(frames),
+    )
+    return frames, info
+
+
+def _duration_seconds(
+    container: av.container.InputContainer, stream: av.video.VideoStream
+) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def _count_packets(container: av.container.InputContainer, stream: av.video.VideoStream) -> int:
+    return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def _decode_sampled(container: av.container.InputContainer, wanted: list[int]) -> list[Image.Image]:
+    """The frames at the ``wanted`` indices (sorted), decoding no further than the last one."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    wanted_set = set(wanted)
+    picked: dict[int, Image.Image] = {}
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted_set:
+            picked[index] = frame.to_image()
+        if index >= wanted[-1]:
+            break
+    if not picked:
+        return []
+    # A stream can hold fewer frames than its header or packet count says: reuse the last one.
+    frames: list[Image.Image] = []
+    for i in wanted:
+        frames.append(picked.get(i, frames[-1] if frames else picked[min(picked)]))
+    return frames
+
+
+def is_video_path(path: str | Path) -> bool:
+    """True if the file name looks like a video container."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny seeded model, its checkpoint, and media files made on the fly."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.checkpoint import Checkpoint, save_checkpoint
+from captioner.config import preset
+from captioner.model import CaptionModel, create_model
+from captioner.vocab import Vocab
+
+TINY_CAPTIONS = [
+    "a red circle",
+    "a blue square to the left of a red circle",
+    "a green star moves to the right",
+    "a yellow triangle grows",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab() -> Vocab:
+    return Vocab.build(TINY_CAPTIONS)
+
+
+def make_tiny_model(vocab: Vocab, seed: int = 0, frozen: bool = True) -> CaptionModel:
+    torch.manual_seed(seed)
+    config, _ = preset("test-tiny")
+    config.vocab_size = len(vocab)
+    config.encoder.frozen = frozen
+    return create_model(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_vocab: Vocab) -> Path:
+    _, preprocess = preset("test-tiny")
+    model = make_tiny_model(tiny_vocab)
+    directory = tmp_path_factory.mktemp("tiny-model")
+    save_checkpoint(Checkpoint(model, tiny_vocab, preprocess, metadata={"name": "tiny"}), directory)
+    return directory
+
+
+def frame_image(index: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A frame whose brightness encodes its index, so sampled frames can be identified."""
+    return Image.new("RGB", size, (index * 8 % 256, 60, 255 - index * 8 % 256))
+
+
+def make_video(
+    path: Path, codec: str, num_frames: int = 20, fps: int = 10, size: tuple[int, int] = (64, 48)
+) -> Path:
+    """Write a short clip with PyAV; frame i has red level 8*i."""
+    if codec == "gif":
+        frames = [frame_image(i, size) for i in range(num_frames)]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
+        return path
+    pix_fmt = {"mjpeg": "yuvj420p"}.get(codec, "yuv420p")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = pix_fmt
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.asarray(frame_image(i, size)), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

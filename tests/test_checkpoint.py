@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from captioner.config import preset
+from captioner.errors import ModelLoadError
+from tests.conftest import make_tiny_model
+
+
+def _saved(tmp_path: Path, vocab) -> tuple[Path, torch.nn.Module]:
+    model = make_tiny_model(vocab, seed=3)
+    with torch.no_grad():  # perturb every weight so a silent re-init could not pass
+        for p in model.state_dict().values():
+            if p.is_floating_point():
+                p.add_(torch.randn_like(p) * 0.01)
+    _, preprocess = preset("test-tiny")
+    save_checkpoint(
+        Checkpoint(model, vocab, preprocess, metadata={"data": "unit"}), tmp_path / "ck"
+    )
+    return tmp_path / "ck", model
+
+
+def test_round_trip_restores_every_tensor_and_config(tmp_path, tiny_vocab) -> None:
+    directory, model = _saved(tmp_path, tiny_vocab)
+    loaded = load_checkpoint(directory)
+    original = model.state_dict()
+    restored = loaded.model.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    assert loaded.vocab == tiny_vocab
+    assert loaded.model.config == model.config
+    assert loaded.metadata["data"] == "unit"
+    frames = torch.randn(1, 2, 3, 64, 64)
+    torch.testing.assert_close(
+        loaded.model.encode(torch.tensor([2]), frames=frames),
+        model.eval().encode(torch.tensor([2]), frames=frames),
+    )
+    assert not list(directory.glob("*.tmp"))
+
+
+def _corrupt(directory: Path, case: str) -> None:
+    config_path, weights = directory / "config.json", directory / "model.safetensors"
+    config = json.loads(config_path.read_text())
+    if case == "missing-config":
+        config_path.unlink()
+    elif case == "bad-json":
+        config_path.write_text("{not json")
+    elif case == "future-version":
+        config["format_version"] = 99
+    elif case == "not-a-checkpoint":
+        config["format"] = "something-else"
+    elif case == "missing-weights":
+        weights.unlink()
+    elif case == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "truncated-weights-no-checksum":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        del config["weights"]
+    elif case == "mismatched-shapes":
+        config["model"]["decoder_hidden"] += 1
+    elif case == "vocab-mismatch":
+        config["vocab"]["tokens"].append("zebra")
+    elif case == "unknown-config-key":
+        config["model"]["colour"] = "blue"
+    if config_path.exists() and case not in ("bad-json",):
+        config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-config", "config.json is missing"),
+        ("bad-json", "not valid JSON"),
+        ("future-version", "newer than this captioner supports"),
+        ("not-a-checkpoint", "not a captioner checkpoint"),
+        ("missing-weights", "weights file is missing"),
+        ("truncated-weights", "checksum does not match"),
+        ("truncated-weights-no-checksum", "cannot read weights"),
+        ("mismatched-shapes", "wrong shape"),
+        ("vocab-mismatch", "does not match"),
+        ("unknown-config-key", "unknown key"),
+    ],
+)
+def test_each_broken_checkpoint_fails_with_one_clear_message(
+    tmp_path, tiny_vocab, case, message
+) -> None:
+    directory, _ = _saved(tmp_path, tiny_vocab)
+    _corrupt(directory, case)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_checkpoint(directory)
+    assert str(directory) in str(info.value)
+
+
+def test_missing_folder(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no such checkpoint folder"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_weights_are_not_pickles(tmp_path, tiny_vocab) -> None:
+    directory, _ = _saved(tmp_path, tiny_vocab)
+    header = (directory / "model.safetensors").read_bytes()[:8]
+    assert not header.startswith(b"\x80")  # pickle protocol marker
+    shutil.rmtree(directory)

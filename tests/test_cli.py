@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from captioner.cli import main
+from tests.conftest import make_video
+
+
+def test_caption_prints_one_json_line_per_good_input_and_one_error(
+    tmp_path, tiny_checkpoint, capsys
+) -> None:
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "img.png")
+    make_video(tmp_path / "clip.mp4", "libx264", num_frames=12)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code = main(
+        [
+            "caption",
+            str(tmp_path / "img.png"),
+            str(tmp_path / "clip.mp4"),
+            str(tmp_path / "broken.jpg"),
+            "--model",
+            str(tiny_checkpoint),
+            "--beam-size",
+            "3",
+            "--num-captions",
+            "2",
+            "--max-length",
+            "5",
+        ]
+    )
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [line["path"] for line in lines] == [
+        str(tmp_path / "img.png"),
+        str(tmp_path / "clip.mp4"),
+    ]
+    for line in lines:
+        assert set(line) == {"path", "caption", "captions", "seconds"}
+        assert len(line["captions"]) == 2
+        assert line["caption"] == line["captions"][0]["text"]
+        assert line["captions"][0]["log_prob"] <= 0 and line["seconds"] > 0
+    assert err.count("\n") == 1 and "broken.jpg" in err and "Traceback" not in err
+
+
+def test_folders_are_expanded_and_table_format(tmp_path, tiny_checkpoint, capsys) -> None:
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    code = main(
+        [
+            "caption",
+            str(tmp_path),
+            "--model",
+            str(tiny_checkpoint),
+            "--format",
+            "table",
+            "--batch-size",
+            "2",
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == [
+        str(tmp_path / f"{i}.png") for i in range(3)
+    ]
+
+
+def test_bad_model_and_bad_option_are_one_line_errors(tmp_path, tiny_checkpoint, capsys) -> None:
+    assert main(["caption", "x.png", "--model", str(tmp_path / "nope")]) == 2
+    assert main(["caption", "x.png", "--model", str(tiny_checkpoint), "--beam-size", "0"]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("captioner: error:") == 2 and "Traceback" not in err

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from captioner.config import DecodingOptions
+from captioner.errors import InvalidMediaError
+from captioner.inference import Captioner
+from tests.conftest import frame_image, make_video, png_bytes
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint) -> Captioner:
+    return Captioner.load(tiny_checkpoint, device="cpu")
+
+
+def test_images_batched_equal_images_alone(captioner) -> None:
+    images = [Image.new("RGB", (50, 40), (i * 60, 255 - i * 60, 90)) for i in range(4)]
+    options = captioner.options(beam_size=3, num_captions=2, max_length=6)
+    together = captioner.caption_images(images, options)
+    alone = [captioner.caption_images([image], options)[0] for image in images]
+    assert [r.captions for r in together] == [r.captions for r in alone]
+    assert all(len(r.captions) == 2 and r.caption == r.captions[0].text for r in together)
+
+
+def test_mixed_options_in_one_batch_match_separate_calls(captioner) -> None:
+    tensors = [captioner.prepare_image(png_bytes(frame_image(i))) for i in range(3)]
+    opts = [
+        DecodingOptions(beam_size=1),
+        DecodingOptions(beam_size=3, num_captions=3),
+        DecodingOptions(max_length=2),
+    ]
+    mixed = captioner.caption_tensors(tensors, opts)
+    separate = [captioner.caption_tensors([t], o)[0] for t, o in zip(tensors, opts, strict=True)]
+    assert mixed == separate
+    assert [len(c) for c in mixed] == [1, 3, 1]
+
+
+def test_frames_and_video_paths(captioner, tmp_path) -> None:
+    frames = [png_bytes(frame_image(i)) for i in range(5)]
+    result = captioner.caption_frames(frames)
+    assert result.caption and result.video is None
+    video = make_video(tmp_path / "v.webm", "libvpx-vp9", num_frames=16)
+    described = captioner.caption_video(video, num_frames=4)
+    assert described.video.frames_used == 4 and described.video.codec == "vp9"
+    assert described.caption
+
+
+def test_bad_inputs_raise_the_library_error(captioner) -> None:
+    with pytest.raises(InvalidMediaError):
+        captioner.caption_images([b"nope"])
+    with pytest.raises(InvalidMediaError):
+        captioner.caption_frames([])
+    with pytest.raises(InvalidMediaError):
+        captioner.caption_video(b"nope")
+
+
+def test_describe(captioner) -> None:
+    info = captioner.describe()
+    assert info["name"] == "tiny" and info["device"] == "cpu" and info["dtype"] == "float32"

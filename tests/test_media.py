@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.config import PreprocessConfig
+from captioner.errors import InvalidMediaError, MediaTooLargeError
+from captioner.media import (
+    Preprocessor,
+    VideoLimits,
+    load_image,
+    read_video,
+    sample_indices,
+)
+from tests.conftest import make_video, png_bytes
+
+
+def test_load_image_from_bytes_path_and_pil(tmp_path) -> None:
+    image = Image.new("RGB", (30, 20), (10, 200, 30))
+    path = tmp_path / "x.png"
+    image.save(path)
+    for source in (png_bytes(image), path, str(path), image):
+        loaded = load_image(source)
+        assert loaded.mode == "RGB" and loaded.size == (30, 20)
+        assert loaded.getpixel((0, 0)) == (10, 200, 30)
+
+
+def test_transparency_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(png_bytes(rgba)).getpixel((0, 0)) == (255, 255, 255)
+    gray = Image.new("L", (4, 4), 7)
+    assert load_image(png_bytes(gray)).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_bad_images_raise_invalid_media(tmp_path) -> None:
+    with pytest.raises(InvalidMediaError, match="not a readable image"):
+        load_image(b"definitely not an image")
+    with pytest.raises(InvalidMediaError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    truncated = png_bytes(Image.new("RGB", (200, 200), (1, 2, 3)))[:-200]
+    with pytest.raises(InvalidMediaError):
+        load_image(truncated)
+
+
+def test_pixel_limit_guards_against_decompression_bombs() -> None:
+    big = png_bytes(Image.new("RGB", (300, 300)))
+    with pytest.raises(MediaTooLargeError, match="90000 pixels"):
+        load_image(big, max_pixels=50_000)
+
+
+def test_preprocessor_resizes_crops_and_normalises() -> None:
+    config = PreprocessConfig(
+        image_size=32, resize_size=40, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
+    tensor = Preprocessor(config)(Image.new("RGB", (80, 60), (255, 0, 127)))
+    assert tensor.shape == (3, 32, 32)
+    assert torch.allclose(tensor[0], torch.ones(32, 32))
+    assert torch.allclose(tensor[1], -torch.ones(32, 32))
+
+
+def test_sample_indices_are_uniform_segment_centres() -> None:
+    assert sample_indices(20, 4) == [2, 7, 12, 17]
+    assert sample_indices(3, 5) == [0, 0, 1, 2, 2]
+    assert sample_indices(0, 4) == []
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec"),
+    [
+        (".mp4", "libx264"),
+        (".webm", "libvpx-vp9"),
+        (".avi", "mjpeg"),
+        (".mov", "mpeg4"),
+        (".gif", "gif"),
+    ],
+)
+def test_video_decoding_samples_uniformly_in_every_container(tmp_path, suffix, codec) -> None:
+    path = make_video(tmp_path / f"clip{suffix}", codec, num_frames=20)
+    frames, info = read_video(path, 4)
+    assert len(frames) == 4 and info.frames_used == 4
+    assert info.total_frames == 20
+    assert frames[0].size == (64, 48)
+    # Frame i was drawn with red = 8*i; the sampled ones are 2, 7, 12, 17 (lossy codecs: +-6).
+    reds = [frame.getpixel((32, 24))[0] for frame in frames]
+    assert [round(r / 8) for r in reds] == [2, 7, 12, 17], reds
+    assert info.duration_s == pytest.approx(2.0, abs=0.15)
+    frames_from_bytes, _ = read_video(path.read_bytes(), 4)
+    assert [f.getpixel((32, 24)) for f in frames_from_bytes] == [
+        f.getpixel((32, 24)) for f in frames
+    ]
+
+
+def test_more_frames_requested_than_the_video_has(tmp_path) -> None:
+    path = make_video(tmp_path / "short.mp4", "libx264", num_frames=3)
+    frames, info = read_video(path, 6)
+    assert len(frames) == 6 and info.total_frames == 3
+
+
+def test_corrupt_and_unsupported_videos(tmp_path) -> None:
+    with pytest.raises(InvalidMediaError):
+        read_video(b"\x00\x01 not a video at all" * 10, 4)
+    with pytest.raises(InvalidMediaError, match="no such file"):
+        read_video(tmp_path / "missing.mp4", 4)
+    good = make_video(tmp_path / "clip.mp4", "libx264", num_frames=20).read_bytes()
+    with pytest.raises(InvalidMediaError):
+        read_video(good[: len(good) // 3], 4)
+    audio_only = io.BytesIO()
+    with av.open(audio_only, mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(InvalidMediaError, match="no video stream"):
+        read_video(audio_only.getvalue(), 4)
+
+
+def test_video_limits(tmp_path) -> None:
+    path = make_video(tmp_path / "clip.mp4", "libx264", num_frames=20)
+    with pytest.raises(MediaTooLargeError, match="lasts"):
+        read_video(path, 4, VideoLimits(max_duration_s=1.0))
+    with pytest.raises(MediaTooLargeError, match="frames"):
+        read_video(path, 4, VideoLimits(max_total_frames=10))
+    with pytest.raises(MediaTooLargeError, match="pixels"):
+        read_video(path, 4, VideoLimits(max_pixels=100))

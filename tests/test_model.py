@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import torch
+
+from captioner.model import frame_mask
+from tests.conftest import make_tiny_model
+
+
+def test_shapes_and_finite_outputs_for_frames_and_features(tiny_vocab) -> None:
+    model = make_tiny_model(tiny_vocab)
+    frames = torch.randn(3, 4, 3, 64, 64)
+    lengths = torch.tensor([1, 4, 2])
+    tokens = torch.randint(0, len(tiny_vocab), (3, 7))
+    logits = model(tokens, lengths, frames=frames)
+    assert logits.shape == (3, 7, len(tiny_vocab))
+    assert torch.isfinite(logits).all()
+    features = model.frame_features(frames, lengths)
+    assert features.shape == (3, 4, model.config.encoder.feature_dim)
+    assert torch.equal(features[0, 1:], torch.zeros_like(features[0, 1:]))  # padded frames unrun
+    torch.testing.assert_close(model(tokens, lengths, features=features), logits)
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_vocab) -> None:
+    for frozen in (True, False):
+        model = make_tiny_model(tiny_vocab, frozen=frozen).train()
+        frames = torch.randn(2, 3, 3, 64, 64)
+        logits = model(
+            torch.randint(0, len(tiny_vocab), (2, 5)), torch.tensor([3, 1]), frames=frames
+        )
+        logits.logsumexp(-1).sum().backward()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert any(n.startswith("encoder.") for n in trainable) is not frozen
+        missing = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert missing == []
+
+
+def test_frozen_encoder_stays_in_eval_mode(tiny_vocab) -> None:
+    model = make_tiny_model(tiny_vocab, frozen=True).train()
+    assert not model.encoder.backbone.training
+    assert model.decoder.training
+
+
+def test_padding_does_not_change_a_sequence_result(tiny_vocab) -> None:
+    model = make_tiny_model(tiny_vocab)
+    short = torch.randn(1, 2, 3, 64, 64)
+    alone = model.encode(torch.tensor([2]), frames=short)
+    padded = torch.cat([short, torch.randn(1, 3, 3, 64, 64)], dim=1)  # garbage in the padding
+    batch = torch.cat([padded, torch.randn(1, 5, 3, 64, 64)])
+    together = model.encode(torch.tensor([2, 5]), frames=batch)
+    torch.testing.assert_close(together[0:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_frame_order_matters(tiny_vocab) -> None:
+    model = make_tiny_model(tiny_vocab)
+    frames = torch.randn(1, 4, 3, 64, 64)
+    forward = model.encode(torch.tensor([4]), frames=frames)
+    backward = model.encode(torch.tensor([4]), frames=frames.flip(1))
+    assert not torch.allclose(forward, backward)
+
+
+def test_frame_mask() -> None:
+    assert frame_mask(torch.tensor([1, 3]), 3).tolist() == [
+        [True, False, False],
+        [True, True, True],
+    ]
