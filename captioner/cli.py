@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--batch-size", type=int, default=16, help="images per model call")
     caption.set_defaults(handler=_cmd_caption)
 
+    serve = commands.add_parser("serve", help="run the HTTP captioning service (uvicorn)")
+    serve.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
+    serve.add_argument("--host", default=None, help="default 0.0.0.0, or CAPTIONER_HOST")
+    serve.add_argument("--port", type=int, default=None, help="default 8000, or CAPTIONER_PORT")
+    serve.set_defaults(handler=_cmd_serve)
+
     from captioner import cli_train  # the training-side commands live apart from serving
 
     cli_train.add_commands(commands)
@@ -122,6 +128,13 @@ def _cmd_caption(args: argparse.Namespace) -> int:
             print(f"captioner: error: {message}", file=sys.stderr)
     flush()
     return EXIT_INPUT_FAILED if failures else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # The web layer is imported only here: the library itself never imports FastAPI.
+    from app.serve import run
+
+    return run(model=args.model, host=args.host, port=args.port)
 
 
 def _emit(fmt: str, path: Path, captions: list, seconds: float) -> None:
