@@ -1,0 +1,39 @@
+"""The dependencies routes receive: settings, the service, and the request's id and clock."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.service import CaptionService
+from app.settings import Settings, get_settings
+
+
+def get_service(request: Request) -> CaptionService:
+    return request.app.state.service
+
+
+def get_request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+def get_started(request: Request) -> float:
+    """When the request arrived (``time.perf_counter``), for ``timings_ms.total``."""
+    return getattr(request.state, "started", None) or time.perf_counter()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[CaptionService, Depends(get_service)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+StartedDep = Annotated[float, Depends(get_started)]
+
+
+def get_ready_service(service: ServiceDep) -> CaptionService:
+    """The service, once the model is loaded and warm; a 503 ``not_ready`` before that."""
+    service.require_ready()
+    return service
+
+
+ReadyServiceDep = Annotated[CaptionService, Depends(get_ready_service)]

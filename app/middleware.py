@@ -1,0 +1,101 @@
+"""The one ASGI middleware: request ids, access logs, request metrics, and the last-resort 500.
+
+It is plain ASGI (no BaseHTTPMiddleware) so that bodies stream through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import logs
+from app.errors import GENERIC_500, ApiError
+from app.metrics import Metrics
+
+access_log = logging.getLogger("captioner.access")
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's X-Request-ID when it is short and plain, else a fresh one."""
+    sent = headers.get(REQUEST_ID_HEADER, "")
+    return sent if _SANE_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, access_log: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = request_id_from(Headers(scope=scope))
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = request_id, started
+        token = logs.request_id.set(request_id)
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        self.metrics.in_progress.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            state["error_type"] = "internal_error"
+            if response_started:
+                raise
+            await ApiError("internal_error", GENERIC_500).response()(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_progress.dec()
+            self._record(scope, request_id, status, time.perf_counter() - started)
+            logs.request_id.reset(token)
+
+    def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
+        error_type = scope["state"].get("error_type")
+        if error_type:
+            self.metrics.failures.labels(reason=error_type).inc()
+        if self.access_log:
+            client = scope.get("client")
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "endpoint": endpoint,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "client": client[0] if client else None,
+                    "error_type": error_type,
+                },
+            )
