@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 from fastapi.exceptions import RequestValidationError
@@ -115,3 +117,10 @@ def test_unknown_paths_and_methods_over_http(tiny_checkpoint) -> None:
         wrong = client.get("/v1/captions/image")
         assert_error(wrong, 405, "method_not_allowed")
         assert wrong.headers["allow"] == "POST"
+
+
+def test_the_readme_documents_every_error_type_with_its_status() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- service:start -->")[1].split("<!-- service:end -->")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\d{3}) \|", section, flags=re.M))
+    assert {name: int(status) for name, status in rows.items()} == DOCUMENTED

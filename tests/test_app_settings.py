@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,10 @@ def test_get_settings_is_cached(monkeypatch) -> None:
         assert get_settings() is get_settings() and get_settings().port == 9001
     finally:
         get_settings.cache_clear()
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- service:start -->")[1].split("<!-- service:end -->")[0]
+    documented = set(re.findall(r"^\| `CAPTIONER_(\w+)` \|", section, flags=re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}
