@@ -41,7 +41,10 @@ def run(model: Path | None = None, host: str | None = None, port: int | None = N
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(f"invalid CAPTIONER_* setting: {exc}") from exc
+        problems = "; ".join(
+            f"CAPTIONER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid setting: {problems}") from exc
     logs.configure(settings.log_level)
     app = create_app(settings)
     service: CaptionService = app.state.service

@@ -153,7 +153,8 @@ class CaptionService:
 
     def begin_drain(self) -> None:
         """Stop taking new requests (they get 503); in-flight ones still finish."""
-        self.state = State.DRAINING
+        if self.state is not State.FAILED:  # a failed load stays the reason for the exit code
+            self.state = State.DRAINING
         self.metrics.ready.set(0)
 
     async def close(self) -> None:
@@ -208,15 +209,17 @@ class CaptionService:
         async with self._deadline():
             self._admit(sum(not isinstance(image, ApiError) for image in images))
 
-            async def prepare(image: bytes | ApiError) -> Prepared | ApiError:
+            async def prepare(index: int, image: bytes | ApiError) -> Prepared | ApiError:
                 if isinstance(image, ApiError):
                     return image
                 try:
-                    return await self._prepare(self._prepare_image, image, kind="image")
+                    return await self._prepare(
+                        self._prepare_image, image, kind="image", param=f"images[{index}]"
+                    )
                 except ApiError as exc:
                     return exc
 
-            prepared = await asyncio.gather(*(prepare(image) for image in images))
+            prepared = await asyncio.gather(*(prepare(i, image) for i, image in enumerate(images)))
             for failed in prepared:
                 if isinstance(failed, ApiError):
                     self.metrics.failures.labels(reason=failed.type).inc()

@@ -266,6 +266,7 @@ def test_images_in_input_order_with_one_bad_item(client, captioner, settings) ->
         assert results[index]["captions"] == expected(captioner, png(index), beam_size=2)
         assert results[index]["input"]["format"] == "png"
     assert results[1]["error"]["type"] == "invalid_image"
+    assert results[1]["error"]["param"] == "images[1]"
     assert results[3]["error"]["type"] == "payload_too_large"
     assert results[3]["error"]["param"] == "images[3]"
 

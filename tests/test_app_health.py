@@ -5,6 +5,7 @@ import threading
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.service import State
 from captioner.inference import Captioner
 from tests.app_support import assert_error, png, tiny_settings, wait_ready
 
@@ -47,3 +48,4 @@ def test_a_model_that_fails_to_load_stays_unready_and_stops_the_server(tmp_path)
         error = assert_error(client.get("/health/ready"), 503, "not_ready")
         assert "failed to load" in error["message"]
         assert client.get("/health/live").status_code == 200
+    assert app.state.service.state is State.FAILED  # still, after shutdown: exit code 1

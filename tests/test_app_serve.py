@@ -1,5 +1,6 @@
-"""Integration: the real ``captioner serve`` process over real HTTP (batching, limits, README,
-graceful shutdown). One server is shared by the module; the last test stops it with SIGTERM."""
+"""``captioner serve``: its wiring, then the real process over real HTTP (batching, limits,
+README examples, graceful shutdown). One server is shared by the module's slow tests; the
+last one stops it with SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import serve
+from app.service import State
+from captioner.cli import main
 from captioner.inference import Captioner
 from tests.app_support import png
 from tests.conftest import make_video
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -42,6 +45,42 @@ class Server:
     port: int
     log: Path
     ready_after_s: float
+
+
+def test_run_wires_settings_into_uvicorn_and_reports_a_failed_load(
+    tiny_checkpoint, monkeypatch
+) -> None:
+    seen = {}
+
+    def fake_run(server: serve._Server) -> None:
+        seen["config"] = server.config
+        service = server.config.app.state.service
+        service.on_fatal()  # what a failed load does
+        seen["should_exit"] = server.should_exit
+        service.state = State.FAILED
+
+    monkeypatch.setattr(serve.logs, "configure", lambda level: None)
+    monkeypatch.setattr(serve._Server, "run", fake_run)
+    monkeypatch.setenv("CAPTIONER_SHUTDOWN_TIMEOUT_S", "12")
+    assert serve.run(model=tiny_checkpoint, host="127.0.0.1", port=1234) == 1
+    config = seen["config"]
+    assert (config.host, config.port, config.timeout_graceful_shutdown) == ("127.0.0.1", 1234, 12)
+    assert config.log_config is None and config.access_log is False
+    assert seen["should_exit"] is True
+
+
+def test_a_shutdown_signal_starts_draining_at_once() -> None:
+    drained = []
+    server = serve._Server(uvicorn.Config(app=None), on_signal=lambda: drained.append(1))
+    server.handle_exit(signal.SIGTERM, None)
+    assert drained == [1] and server.should_exit
+
+
+def test_bad_settings_are_a_one_line_cli_error(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "0")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CAPTIONER_MAX_BATCH_SIZE: Input should be" in err
 
 
 def free_port() -> int:
@@ -86,11 +125,13 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
             process.wait(30)
 
 
+@pytest.mark.slow
 def test_serve_becomes_ready_quickly(server) -> None:
     assert server.ready_after_s < READY_WITHIN_S
     assert httpx.get(f"{server.url}/health/live").json() == {"status": "ok"}
 
 
+@pytest.mark.slow
 def test_concurrent_image_requests_are_right_and_batched(server, tiny_checkpoint) -> None:
     captioner = Captioner.load(tiny_checkpoint, device="cpu", num_threads=1)
     images = [png(i, (40 + i, 30 + i)) for i in range(16)]
@@ -140,6 +181,7 @@ def http_exchange(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
         return answer
 
 
+@pytest.mark.slow
 def test_a_declared_2gb_upload_is_refused_before_a_byte_is_sent(server) -> None:
     head = (
         b"POST /v1/captions/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -149,6 +191,7 @@ def test_a_declared_2gb_upload_is_refused_before_a_byte_is_sent(server) -> None:
     assert answer.startswith(b"HTTP/1.1 413") and b'"payload_too_large"' in answer
 
 
+@pytest.mark.slow
 def test_a_chunked_upload_is_cut_off_at_the_limit(server) -> None:
     head = (
         b"POST /v1/captions/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -203,6 +246,7 @@ def samples_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_work(server, samples_root) -> None:
     commands = readme_curls()
@@ -232,6 +276,7 @@ def test_readme_curl_examples_work(server, samples_root) -> None:
 # -- last: graceful shutdown of the shared server ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits_cleanly(server) -> None:
     image = png(4)
     head = (
