@@ -16,11 +16,9 @@ from app.schemas import (
     CaptionOptions,
     CaptionText,
     ImageCaptionResponse,
-    ImageInput,
     ModelRef,
     Timings,
     VideoCaptionResponse,
-    VideoInput,
     VideoOptions,
 )
 from app.service import Captioned, CaptionService
@@ -111,14 +109,7 @@ async def caption_image(
     upload = await read_image(request, settings)
     decoding = service.options(options.merged(upload.fields).decoding())
     result = await service.caption_image(upload.data, decoding)
-    return ImageCaptionResponse(
-        id=request_id,
-        model=_model(service),
-        caption=result.caption,
-        captions=_captions(result),
-        input=ImageInput(**result.input),
-        timings_ms=_timings(result, started),
-    )
+    return ImageCaptionResponse(id=request_id, model=_model(service), **_answer(result, started))
 
 
 @router.post(
@@ -145,15 +136,7 @@ async def caption_images(
         if isinstance(result, ApiError):
             items.append(BatchFailure.model_validate({"index": index, **result.body()}))
         else:
-            items.append(
-                BatchCaption(
-                    index=index,
-                    caption=result.caption,
-                    captions=_captions(result),
-                    input=ImageInput(**result.input),
-                    timings_ms=_timings(result, started),
-                )
-            )
+            items.append(BatchCaption(index=index, **_answer(result, started)))
     return BatchCaptionResponse(id=request_id, model=_model(service), results=items)
 
 
@@ -184,14 +167,7 @@ async def caption_video(
             result = await service.caption_frames(upload.frames, merged.num_frames, decoding)
     finally:
         upload.close()
-    return VideoCaptionResponse(
-        id=request_id,
-        model=_model(service),
-        caption=result.caption,
-        captions=_captions(result),
-        input=VideoInput(**result.input),
-        timings_ms=_timings(result, started),
-    )
+    return VideoCaptionResponse(id=request_id, model=_model(service), **_answer(result, started))
 
 
 def _model(service: CaptionService) -> ModelRef:
@@ -200,17 +176,20 @@ def _model(service: CaptionService) -> ModelRef:
     return ModelRef(name=captioner.name, version=captioner.version)
 
 
-def _captions(result: Captioned) -> list[CaptionText]:
-    return [CaptionText(text=c.text, log_prob=c.log_prob) for c in result.captions]
+def _answer(result: Captioned, started: float) -> dict[str, Any]:
+    """The fields every caption answer has: captions, what the input was, where time went."""
 
-
-def _timings(result: Captioned, started: float) -> Timings:
     def ms(seconds: float) -> float:
         return round(seconds * 1000, 3)
 
-    return Timings(
-        queue=ms(result.queue_s),
-        preprocess=ms(result.preprocess_s),
-        inference=ms(result.inference_s),
-        total=ms(time.perf_counter() - started),
-    )
+    return {
+        "caption": result.caption,
+        "captions": [CaptionText(text=c.text, log_prob=c.log_prob) for c in result.captions],
+        "input": result.input,
+        "timings_ms": Timings(
+            queue=ms(result.queue_s),
+            preprocess=ms(result.preprocess_s),
+            inference=ms(result.inference_s),
+            total=ms(time.perf_counter() - started),
+        ),
+    }
