@@ -123,3 +123,18 @@ def test_ddp_with_two_cpu_processes(tmp_path, manifest) -> None:
     single_steps = -(-(40 * 5 * 0.8) // 16)  # what one process would take per epoch, at least
     assert json.loads(records[0])["step"] < single_steps  # the data was split across 2 ranks
     assert load_checkpoint(tmp_path / "run" / "best").metadata["name"] == "tiny-scenes"
+
+
+def test_finetuning_phase_trains_the_cnn_on_pixels(tmp_path, manifest) -> None:
+    config = str(_config(tmp_path, manifest))
+    assert (
+        main(
+            ["train", "--config", config, "epochs=1", "finetune_epochs=1", "finetune_batch_size=8"]
+        )
+        == 0
+    )
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["frozen", "finetune"]
+    frozen_encoder = load_checkpoint(run / "last")
+    assert frozen_encoder.model.config.encoder.frozen is False

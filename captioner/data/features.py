@@ -188,7 +188,8 @@ def extract_features(
     encoder = encoder.to(device).eval()
     loader = DataLoader(
         MediaDataset(items, preprocess, start=state["done"]),
-        batch_size=max(1, batch_frames // max(1, preprocess.num_frames // 2)),
+        # Items per loader batch: about ``batch_frames`` frames when half of them are videos.
+        batch_size=max(1, 2 * batch_frames // (preprocess.num_frames + 1)),
         num_workers=num_workers,
         collate_fn=_collate,
     )

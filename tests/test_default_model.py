@@ -1,0 +1,72 @@
+"""The shipped default model, judged on a fresh held-out scenes set (a seed training never saw).
+
+Thresholds from the model's acceptance criteria: attribute accuracy (colour + shape of every
+object) >= 95% on one-object scenes and >= 85% on two-object scenes; motion accuracy >= 95%.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from captioner.cli import main
+from captioner.data.readers import read_manifest
+from captioner.data.scenes import generate_corpus, score_caption
+from captioner.evaluation import predict, scene_accuracy
+from captioner.inference import DEFAULT_MODEL_DIR, Captioner
+
+SAMPLES = Path(__file__).resolve().parent.parent / "captioner" / "assets" / "samples"
+HELD_OUT_SEED = 20261127  # the default model trained on seed 1
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model shipped"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    return Captioner.load(None, device="cpu")
+
+
+def test_held_out_accuracy_meets_the_thresholds(tmp_path_factory, captioner) -> None:
+    manifest = generate_corpus(
+        tmp_path_factory.mktemp("held-out"), 240, 100, seed=HELD_OUT_SEED,
+        val_fraction=0.0, test_fraction=0.0,
+    )  # fmt: skip
+    items = read_manifest(manifest).items
+    predictions, errors = predict(captioner, items, captioner.options(), num_workers=0)
+    assert errors == {}
+    result = scene_accuracy(items, predictions)
+    accuracy = result["attribute_accuracy"]
+    print(json.dumps(result))
+    assert result["scored_items"]["one_object"] >= 60
+    assert result["scored_items"]["two_objects"] >= 70
+    assert result["scored_items"]["clips"] == 100
+    assert accuracy["one_object"] >= 0.95
+    assert accuracy["two_objects"] >= 0.85
+    assert result["motion_accuracy"] >= 0.95
+
+
+def test_cli_with_no_model_captions_the_samples_correctly(capsys) -> None:
+    truth = json.loads((SAMPLES / "ground_truth.json").read_text())
+    assert main(["caption", str(SAMPLES / "scene.png"), str(SAMPLES / "motion.mp4")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        meta = truth[Path(line["path"]).name]["meta"]
+        assert all(score_caption(line["caption"], meta).values()), line["caption"]
+
+
+def test_frames_in_order_and_reversed_describe_opposite_motions(captioner) -> None:
+    frames = sorted((SAMPLES / "frames").glob("*.png"))
+    meta = json.loads((SAMPLES / "ground_truth.json").read_text())["motion.mp4"]["meta"]
+    forward = captioner.caption_frames(frames).caption
+    backward = captioner.caption_frames(frames[::-1]).caption
+    assert score_caption(forward, meta)["motion"], forward
+    reversed_meta = {**meta, "motion": {**meta["motion"], "kind": "left"}}
+    assert score_caption(backward, reversed_meta)["motion"], backward
