@@ -102,6 +102,7 @@ def load_checkpoint(
         model_config = from_dict(ModelConfig, config["model"], where="model")
         preprocess = from_dict(PreprocessConfig, config["preprocess"], where="preprocess")
         decoding = from_dict(DecodingOptions, config.get("decoding", {}), where="decoding")
+        decoding.validate()
         vocab = Vocab.from_dict(config["vocab"])
     except KeyError as exc:
         raise ModelLoadError(f"{config_path}: missing section {exc}") from exc
@@ -117,7 +118,7 @@ def load_checkpoint(
     model_config.encoder.pretrained = None
     try:
         model = CaptionModel(model_config)
-    except CaptionerError as exc:
+    except (CaptionerError, RuntimeError, ValueError) as exc:  # e.g. a negative layer size
         raise ModelLoadError(f"{config_path}: cannot build the model: {exc}") from exc
     _check_state(model, state, directory / WEIGHTS_FILE)
     model.load_state_dict(state, strict=True)

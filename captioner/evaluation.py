@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,8 +23,6 @@ from captioner.vocab import tokenize
 
 if TYPE_CHECKING:
     from captioner.inference import Captioner
-
-log = logging.getLogger(__name__)
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr-D")
 

@@ -6,8 +6,6 @@ This is the one inference interface the HTTP service uses; it knows nothing abou
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodingOptions
 from captioner.decoding import generate
-from captioner.errors import InvalidMediaError, ModelLoadError
+from captioner.errors import ConfigError, InvalidMediaError, ModelLoadError
 from captioner.media import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -29,8 +27,6 @@ from captioner.media import (
     load_image,
     read_video,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
@@ -56,10 +52,19 @@ class CaptionResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" picks CUDA when present, else the CPU."""
+    """The device to run on: "auto" picks CUDA when present, else the CPU.
+
+    An unknown device name, or CUDA asked for where there is none, is a ConfigError.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for, but CUDA is not available here")
+    return resolved
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
@@ -115,9 +120,8 @@ class Captioner:
                     f"no default model at {path}; train one with `captioner train` "
                     "and pass it with --model"
                 )
-        if resolve_device(device).type == "cpu":
-            # The process's CPU affinity, not the host's core count: right inside containers.
-            torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+        if resolve_device(device).type == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
         checkpoint = load_checkpoint(path)
         return cls(
             checkpoint,
@@ -187,6 +191,8 @@ class Captioner:
         """
         if not sequences:
             return []
+        if any(len(sequence) == 0 for sequence in sequences):
+            raise InvalidMediaError("a frame sequence needs at least one frame")
         per_item = _per_item_options(options or self.checkpoint.decoding, len(sequences))
         results: list[list[Caption]] = []
         for start in range(0, len(sequences), self.max_batch_size):

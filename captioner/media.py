@@ -7,8 +7,6 @@ with a message fit to show the user.
 from __future__ import annotations
 
 import io
-import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,14 +19,13 @@ import torch
 from PIL import Image, ImageOps
 
 from captioner.config import PreprocessConfig
-from captioner.errors import InvalidMediaError, MediaTooLargeError
-
-log = logging.getLogger(__name__)
+from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError
 
 ImageSource = Image.Image | bytes | str | Path
 VideoSource = bytes | str | Path
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a decompression-bomb guard: about 6300 x 6300
+MAX_ASPECT_RATIO = 50  # wider or taller images are refused (a 40000x1 strip is not a photo)
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".webm", ".avi", ".mov", ".mkv", ".gif", ".mpg"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -59,6 +56,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             image = Image.open(data)
         except FileNotFoundError as exc:
             raise InvalidMediaError(f"{source}: no such file") from exc
+        except Image.DecompressionBombError as exc:
+            raise MediaTooLargeError(f"{_describe(source)}: {exc}") from exc
         except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
             raise InvalidMediaError(f"{_describe(source)}: not a readable image") from exc
     width, height = image.size
@@ -67,12 +66,15 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             f"{_describe(source)}: image is {width}x{height} = {width * height} pixels, "
             f"over the limit of {max_pixels}"
         )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Resizing the shorter side up to the model's size would blow the longer one up.
+        raise MediaTooLargeError(
+            f"{_describe(source)}: image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1"
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidMediaError(f"{_describe(source)}: image data is corrupt ({exc})") from exc
 
 
@@ -81,6 +83,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         image.load()
         return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float greyscale: scale to 8 bits (a plain convert would clip to white).
+        pixels = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode != "F" else max(float(pixels.max()), 1.0)
+        grey = np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -93,7 +101,11 @@ class Preprocessor:
 
     def __init__(self, config: PreprocessConfig) -> None:
         if config.interpolation not in _INTERPOLATION:
-            raise InvalidMediaError(f"unknown interpolation {config.interpolation!r}")
+            raise ConfigError(
+                f"unknown interpolation {config.interpolation!r}; choose {sorted(_INTERPOLATION)}"
+            )
+        if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
+            raise ConfigError("preprocess mean and std need 3 values each, std > 0")
         self.config = config
         self._mean = torch.tensor(config.mean).view(3, 1, 1)
         self._std = torch.tensor(config.std).view(3, 1, 1)

@@ -119,6 +119,12 @@ class TrainConfig:
 # -- config files --------------------------------------------------------------------------
 
 
+# Keys whose override values stay strings even when they look like JSON (version=2).
+_STRING_KEYS = frozenset(
+    {"name", "version", "out_dir", "export", "features", "train", "val", "root"}
+)
+
+
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a TOML or YAML config and apply ``key.sub=value`` overrides (values parsed as JSON)."""
     data: dict[str, Any] = {}
@@ -136,8 +142,14 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
                 data = yaml.safe_load(text) or {}
             else:
                 raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
-        except (OSError, ValueError) as exc:  # tomllib and yaml errors are ValueErrors
+        except (OSError, ValueError) as exc:  # tomllib's errors are ValueErrors
             raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        except Exception as exc:  # yaml.YAMLError, without importing yaml for TOML users
+            if type(exc).__module__.startswith("yaml"):
+                raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+            raise
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
@@ -150,7 +162,9 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
         *parents, leaf = key.strip().split(".")
         for part in parents:
             target = target.setdefault(part, {})
-        target[leaf] = value
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        target[leaf] = raw if leaf in _STRING_KEYS else value
     return from_dict(TrainConfig, data, where="train config")
 
 
@@ -385,7 +399,12 @@ def train(config: TrainConfig) -> Path:
     if resuming:
         checkpoint = load_checkpoint(resume_dir)
         vocab, model, preprocess = checkpoint.vocab, checkpoint.model, checkpoint.preprocess
-        state = json.loads((resume_dir / "train_state.json").read_text())
+        try:
+            state = json.loads((resume_dir / "train_state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{resume_dir}: cannot resume ({exc}); start without --resume"
+            ) from exc
         log.info("resuming from %s (epoch %d)", resume_dir, state["epoch"])
     else:
         vocab = Vocab.build(
@@ -394,6 +413,8 @@ def train(config: TrainConfig) -> Path:
         model_config, preprocess = build_configs(config, vocab)
         model = create_model(model_config)
         state = {"epoch": 0, "step": 0, "best": -1.0, "stale": 0, "stopped": False, "history": []}
+        if runtime.is_main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     model.to(runtime.device)
 
     # Phase 1: frozen CNN, decoder trained on cached features.
@@ -513,6 +534,9 @@ def _run_phase(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     for epoch in range(first_epoch, epochs):
+        # Shuffle order and dropout depend on the epoch only, so a resumed run continues exactly.
+        torch.manual_seed(config.seed * 1000 + epoch + runtime.rank)
+        generator.manual_seed(config.seed * 1000 + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
@@ -660,10 +684,13 @@ def _save_state(
     _save_model(folder, model, vocab, preprocess, config, None)
     optimizer, scheduler = optim
     tensors, layout = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+    save_file(tensors, str(folder / "optimizer.safetensors.tmp"))
     state = {**state, "optimizer_layout": layout, "scheduler": scheduler.state_dict()}
     state["optimizer_phase"] = "finetune" if not model.config.encoder.frozen else "frozen"
-    (folder / "train_state.json").write_text(json.dumps(state, default=str))
+    (folder / "train_state.json.tmp").write_text(json.dumps(state, default=str))
+    # Renames last, the state file after the tensors: a kill mid-save leaves the previous state.
+    os.replace(folder / "optimizer.safetensors.tmp", folder / "optimizer.safetensors")
+    os.replace(folder / "train_state.json.tmp", folder / "train_state.json")
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -103,8 +102,33 @@ def test_missing_folder(tmp_path) -> None:
         load_checkpoint(tmp_path / "nope")
 
 
-def test_weights_are_not_pickles(tmp_path, tiny_vocab) -> None:
+def test_weights_are_safetensors_not_pickles(tmp_path, tiny_vocab) -> None:
+    import struct
+
+    from safetensors import safe_open
+
+    directory, model = _saved(tmp_path, tiny_vocab)
+    raw = (directory / "model.safetensors").read_bytes()
+    header_length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_length])  # safetensors: a JSON header, then raw data
+    assert set(header) - {"__metadata__"} == set(model.state_dict())
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        assert set(weights.keys()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("decoding", "beam_size", 50, "beam_size must be between"),
+        ("model", "decoder_hidden", -1, "cannot build the model"),
+    ],
+)
+def test_invalid_values_in_config_json_fail_at_load(
+    tmp_path, tiny_vocab, section, key, value, message
+) -> None:
     directory, _ = _saved(tmp_path, tiny_vocab)
-    header = (directory / "model.safetensors").read_bytes()[:8]
-    assert not header.startswith(b"\x80")  # pickle protocol marker
-    shutil.rmtree(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config[section][key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        load_checkpoint(directory)

@@ -146,11 +146,15 @@ def test_unk_is_suppressed_and_no_repeat_ngram_is_enforced() -> None:
     )
 
 
-def test_decoding_is_deterministic() -> None:
-    model = MarkovModel(TRAP, UNKY)
-    first = beam_search(model, visual_for(0, 1), VOCAB, options(beam_size=3, num_captions=3))
-    second = beam_search(model, visual_for(0, 1), VOCAB, options(beam_size=3, num_captions=3))
-    assert first == second
+def test_when_the_rules_ban_every_token_the_caption_ends_instead_of_crashing() -> None:
+    # min_length forbids <eos>, and no-repeat bans "a", the only other token on offer.
+    model = MarkovModel({BOS: {A: 1.0}, A: {A: 0.99, EOS: 0.01}})
+    opts = options(beam_size=1, no_repeat_ngram_size=1, min_length=3, max_length=5)
+    [hyp] = greedy_decode(model, visual_for(0), VOCAB, opts)
+    assert hyp.tokens == (A,) and hyp.finished  # nothing else is possible: it ends
+    assert hyp.log_prob == pytest.approx(math.log(0.01), abs=1e-6)
+    [nbest] = beam_search(model, visual_for(0), VOCAB, options(beam_size=2, no_repeat_ngram_size=1))
+    assert nbest and nbest[0].tokens == (A,)
 
 
 def test_invalid_options_are_rejected() -> None:

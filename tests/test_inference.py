@@ -55,6 +55,20 @@ def test_bad_inputs_raise_the_library_error(captioner) -> None:
         captioner.caption_video(b"nope")
 
 
+def test_empty_sequences_and_unknown_devices_are_clear_errors(captioner, tiny_checkpoint) -> None:
+    import torch
+
+    from captioner.errors import ConfigError
+
+    with pytest.raises(InvalidMediaError, match="at least one frame"):
+        captioner.caption_tensors([torch.zeros(0, 3, 64, 64)])
+    with pytest.raises(ConfigError, match="unknown device"):
+        Captioner.load(tiny_checkpoint, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Captioner.load(tiny_checkpoint, device="cuda")
+
+
 def test_describe(captioner) -> None:
     info = captioner.describe()
     assert info["name"] == "tiny" and info["device"] == "cpu" and info["dtype"] == "float32"

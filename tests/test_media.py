@@ -131,3 +131,28 @@ def test_video_limits(tmp_path) -> None:
         read_video(path, 4, VideoLimits(max_total_frames=10))
     with pytest.raises(MediaTooLargeError, match="pixels"):
         read_video(path, 4, VideoLimits(max_pixels=100))
+
+
+def test_decompression_bombs_and_extreme_aspect_ratios_are_refused(monkeypatch) -> None:
+    data = png_bytes(Image.new("RGB", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own guard fires at 2x this
+    with pytest.raises(MediaTooLargeError):
+        load_image(data)
+    monkeypatch.undo()
+    with pytest.raises(MediaTooLargeError, match="50:1"):
+        load_image(png_bytes(Image.new("RGB", (4000, 2))))
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    image = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert image.mode.startswith("I")
+    assert load_image(png_bytes(image)).getpixel((0, 0)) == (127, 127, 127)
+
+
+def test_bad_preprocess_config_is_a_config_error() -> None:
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="interpolation"):
+        Preprocessor(PreprocessConfig(interpolation="lanczos9"))
+    with pytest.raises(ConfigError, match="mean and std"):
+        Preprocessor(PreprocessConfig(mean=(0.5,)))

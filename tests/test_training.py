@@ -68,20 +68,42 @@ def test_training_is_deterministic_on_cpu(tmp_path, manifest) -> None:
     assert weights[0] == weights[1]
 
 
-def test_resume_continues_from_the_last_epoch(tmp_path, manifest) -> None:
-    config = str(_config(tmp_path, manifest))
-    assert main(["train", "--config", config, "epochs=1"]) == 0
-    assert main(["train", "--config", config, "epochs=2", "--resume"]) == 0
-    records = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
+    tmp_path, manifest, monkeypatch
+) -> None:
+    import captioner.training as training
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    assert main(["train", "--config", str(_config(straight, manifest))]) == 0
+
+    real_validate, calls = training.validate, []
+
+    def killed_in_epoch_two(*args, **kwargs):  # the process dies before epoch 2 is saved
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", killed_in_epoch_two)
+    config = str(_config(resumed, manifest))
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", config])
+    monkeypatch.setattr(training, "validate", real_validate)
+    assert main(["train", "--config", config, "--resume"]) == 0
+
+    run = resumed / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert records[1]["step"] == 2 * records[0]["step"]
+    weights = "last/model.safetensors"
+    assert (run / weights).read_bytes() == (straight / "run" / weights).read_bytes()
 
 
 def test_config_files_and_overrides(tmp_path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text('epochs = 3\n[data]\ntrain = "m.jsonl"\n')
+    assert load_train_config(toml, ["version=2"]).version == "2"
     config = load_train_config(toml, ["lr=0.01", "data.min_count=4", "model.frame_dim=64"])
     assert (config.epochs, config.lr, config.data.min_count) == (3, 0.01, 4)
     assert config.model == {"frame_dim": 64}
@@ -92,6 +114,12 @@ def test_config_files_and_overrides(tmp_path) -> None:
         load_train_config(toml, ["epoch=3"])
     with pytest.raises(ConfigError, match="key=value"):
         load_train_config(toml, ["epochs"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_train_config(toml, ["data=1", "data.train=x"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_train_config(broken)
 
 
 def test_loss_ignores_padding() -> None:
@@ -136,5 +164,12 @@ def test_finetuning_phase_trains_the_cnn_on_pixels(tmp_path, manifest) -> None:
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["frozen", "finetune"]
-    frozen_encoder = load_checkpoint(run / "last")
-    assert frozen_encoder.model.config.encoder.frozen is False
+    from captioner.config import preset
+    from captioner.encoder import ImageEncoder
+
+    torch.manual_seed(0)  # train() seeds with config.seed (0) before it builds the model
+    before = ImageEncoder(preset("test-tiny")[0].encoder).state_dict()
+    after = load_checkpoint(run / "last").model
+    assert after.config.encoder.frozen is False
+    changed = [k for k, v in after.encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "fine-tuning left every CNN weight as it was"

@@ -181,8 +181,17 @@ def extract_features(
         index_path.write_text(json.dumps(plan))
         _write_progress(progress_path, state)
     shape = (max(plan["total_frames"], 1), plan["feature_dim"])
-    mode = "r+" if (folder / "features.f16").exists() and state["done"] > 0 else "w+"
-    array = np.memmap(folder / "features.f16", dtype=np.float16, mode=mode, shape=shape)
+    array_path = folder / "features.f16"
+    expected_bytes = shape[0] * shape[1] * np.dtype(np.float16).itemsize
+    if state["done"] > 0 and (
+        not array_path.exists() or array_path.stat().st_size != expected_bytes
+    ):
+        log.warning("%s is missing or truncated: extracting every item again", array_path)
+        state = {"done": 0, "failed": {}}
+        index_path.write_text(json.dumps(plan))
+        _write_progress(progress_path, state)
+    mode = "r+" if state["done"] > 0 else "w+"
+    array = np.memmap(array_path, dtype=np.float16, mode=mode, shape=shape)
 
     device = torch.device(device)
     encoder = encoder.to(device).eval()
