@@ -30,6 +30,7 @@ from captioner.config import (
 from captioner.errors import CaptionerError, ModelLoadError
 from captioner.model import CaptionModel
 from captioner.vocab import Vocab
+from captioner.weights import mismatch
 
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
@@ -162,15 +163,11 @@ def _read_weights(
 
 
 def _check_state(model: CaptionModel, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
+    problem = mismatch(model.state_dict(), state)
+    if problem:
         raise ModelLoadError(
-            f"{path}: weights do not match the model config: {len(missing)} missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} with the "
-            f"wrong shape {wrong[:3]}; the weights and config.json come from different models"
+            f"{path}: weights do not match the model config: {problem}; "
+            "the weights and config.json come from different models"
         )
 
 

@@ -73,6 +73,7 @@ def _finished_row(vocab_size: int, pad_id: int, like: torch.Tensor) -> torch.Ten
     return row
 
 
+@torch.inference_mode()
 def greedy_decode(
     model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
 ) -> list[Hypothesis]:
@@ -101,6 +102,7 @@ def greedy_decode(
     return [group[0] for group in _hypotheses(history, totals, lengths, finished, vocab, options)]
 
 
+@torch.inference_mode()
 def beam_search(
     model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
 ) -> list[list[Hypothesis]]:

