@@ -138,12 +138,16 @@ class CaptionModel(nn.Module):
         self.projector = FrameProjector(config)
         self.temporal = TemporalEncoder(config)
         self.decoder = CaptionDecoder(config)
+        self.frame_chunk = 16  # frames per CNN call; a runtime setting, not part of the config
 
     def frame_features(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pixels (B, T, 3, H, W) -> CNN features (B, T, D), running the CNN on real frames only."""
         batch, steps = frames.shape[:2]
         valid = frame_mask(lengths, steps)  # (B, T)
-        flat = self.encoder(frames[valid])  # (n_valid, D): TimeDistributed over real frames
+        # TimeDistributed over the real frames, a few at a time: large CNN batches cost more
+        # per frame on CPUs and hold every activation map of every frame at once.
+        real = frames[valid]
+        flat = torch.cat([self.encoder(part) for part in real.split(self.frame_chunk)])  # (n, D)
         features = flat.new_zeros(batch, steps, flat.shape[-1])
         features[valid] = flat
         return features
