@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -391,22 +391,9 @@ def _read_coco(
                 rejected.add(image_id)
             reader.reject(where, str(error))
 
-    captions: defaultdict[int, list[str]] = defaultdict(list)
-    for index, annotation in enumerate(annotations):
-        where = f"annotations[{index}]"
-        try:
-            annotation = _object(annotation, "the annotation")
-            if "id" in annotation:
-                where = f"{where} (id {annotation['id']})"
-            image_id = _integer(_require(annotation, "image_id"), "'image_id'")
-            caption = _caption(_require(annotation, "caption"), "'caption'")
-            if image_id not in paths:
-                if image_id in rejected:
-                    continue  # its image was already reported
-                raise _Malformed(f"'image_id' {image_id} is not in 'images'")
-            captions[image_id].append(caption)
-        except _Malformed as error:
-            reader.reject(where, str(error))
+    captions = _group_captions(
+        annotations, "annotations", "id", "image_id", _integer, paths, rejected, "images", reader
+    )
 
     for image_id, (where, path) in paths.items():
         item = CaptionItem(
@@ -421,6 +408,41 @@ def _read_coco(
         except _Malformed as error:
             reader.reject(where, str(error))
     return reader.result()
+
+
+def _group_captions(
+    records: list[Any],
+    name: str,
+    label_key: str,
+    id_key: str,
+    parse_id: Callable[[Any, str], Any],
+    known: Container[Any],
+    rejected: set[Any],
+    owners: str,
+    reader: _Reader,
+) -> defaultdict[Any, list[str]]:
+    """Captions grouped by the id of the image or video they describe (COCO and MSR-VTT).
+
+    A caption of an unknown owner is malformed; one whose owner was rejected already is
+    dropped without a second report.
+    """
+    captions: defaultdict[Any, list[str]] = defaultdict(list)
+    for index, record in enumerate(records):
+        where = f"{name}[{index}]"
+        try:
+            record = _object(record, f"the {name[:-1]}")
+            if label_key in record:
+                where = f"{where} ({label_key} {record[label_key]})"
+            owner = parse_id(_require(record, id_key), f"'{id_key}'")
+            caption = _caption(_require(record, "caption"), "'caption'")
+            if owner not in known:
+                if owner in rejected:
+                    continue  # its image or video was already reported
+                raise _Malformed(f"'{id_key}' {owner!r} is not in '{owners}'")
+            captions[owner].append(caption)
+        except _Malformed as error:
+            reader.reject(where, str(error))
+    return captions
 
 
 def _read_msrvtt(
@@ -465,22 +487,9 @@ def _read_msrvtt(
                 rejected.add(video_id)
             reader.reject(where, str(error))
 
-    captions: defaultdict[str, list[str]] = defaultdict(list)
-    for index, sentence in enumerate(sentences):
-        where = f"sentences[{index}]"
-        try:
-            sentence = _object(sentence, "the sentence")
-            if "sen_id" in sentence:
-                where = f"{where} (sen_id {sentence['sen_id']})"
-            video_id = _string(_require(sentence, "video_id"), "'video_id'")
-            caption = _caption(_require(sentence, "caption"), "'caption'")
-            if video_id not in found:
-                if video_id in rejected:
-                    continue  # its video was already reported
-                raise _Malformed(f"'video_id' {video_id!r} is not in 'videos'")
-            captions[video_id].append(caption)
-        except _Malformed as error:
-            reader.reject(where, str(error))
+    captions = _group_captions(
+        sentences, "sentences", "sen_id", "video_id", _string, found, rejected, "videos", reader
+    )
 
     for video_id, (where, item) in found.items():
         try:
