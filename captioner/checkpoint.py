@@ -33,7 +33,7 @@ from captioner.vocab import Vocab
 from captioner.weights import mismatch
 
 FORMAT = "captioner-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: grid-cell encoder config and attention decoder
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -139,6 +139,12 @@ def _check_format(config: Any, path: Path) -> None:
         raise ModelLoadError(
             f"{path}: checkpoint format {version} is newer than this captioner supports "
             f"({FORMAT_VERSION}); upgrade captioner to load it"
+        )
+    if version < FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path}: checkpoint format {version} was written by a pre-release captioner whose "
+            f"model this release cannot rebuild (format {FORMAT_VERSION}); retrain it with "
+            "`captioner train`"
         )
 
 

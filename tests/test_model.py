@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import torch
 
-from captioner.model import frame_mask
+from captioner.model import VisualContext, frame_mask
 from tests.conftest import make_tiny_model
+
+
+def parts(visual: VisualContext) -> tuple[torch.Tensor, ...]:
+    return visual.summary, visual.keys, visual.values
 
 
 def test_shapes_and_finite_outputs_for_frames_and_features(tiny_vocab) -> None:
@@ -47,7 +51,7 @@ def test_padding_does_not_change_a_sequence_result(tiny_vocab) -> None:
     padded = torch.cat([short, torch.randn(1, 3, 3, 64, 64)], dim=1)  # garbage in the padding
     batch = torch.cat([padded, torch.randn(1, 5, 3, 64, 64)])
     together = model.encode(torch.tensor([2, 5]), frames=batch)
-    torch.testing.assert_close(together[0:1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts(together[0:1]), parts(alone), rtol=1e-5, atol=1e-6)
 
 
 def test_frame_order_matters(tiny_vocab) -> None:
@@ -55,7 +59,32 @@ def test_frame_order_matters(tiny_vocab) -> None:
     frames = torch.randn(1, 4, 3, 64, 64)
     forward = model.encode(torch.tensor([4]), frames=frames)
     backward = model.encode(torch.tensor([4]), frames=frames.flip(1))
-    assert not torch.allclose(forward, backward)
+    assert not torch.allclose(forward.summary, backward.summary)
+    # The cell memory holds each cell's change from first to last frame, which flips sign.
+    assert not torch.allclose(forward.values, backward.values)
+
+
+def test_decoding_steps_match_teacher_forcing(tiny_vocab) -> None:
+    """decoder.step, one token at a time, gives the logits of the parallel training pass."""
+    model = make_tiny_model(tiny_vocab).eval()
+    visual = model.encode(torch.tensor([3, 1]), frames=torch.randn(2, 3, 3, 64, 64))
+    tokens = torch.randint(0, len(tiny_vocab), (2, 6))
+    with torch.no_grad():
+        parallel = model.decoder(tokens, visual).log_softmax(-1)
+        state = model.decoder.init_state(visual)
+        for t in range(tokens.shape[1]):
+            log_probs, state = model.decoder.step(tokens[:, t], state, visual)
+            torch.testing.assert_close(log_probs, parallel[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_visual_context_rows_split_and_repeat(tiny_vocab) -> None:
+    model = make_tiny_model(tiny_vocab).eval()
+    visual = model.encode(torch.tensor([2, 1]), frames=torch.randn(2, 2, 3, 64, 64))
+    assert len(visual) == 2 and len(visual[torch.tensor([1])]) == 1
+    repeated = visual.repeat_interleave(3)
+    assert len(repeated) == 6
+    for part, whole in zip(parts(repeated[3:6]), parts(visual[1:2]), strict=True):
+        assert torch.equal(part, whole.expand_as(part))
 
 
 def test_frame_mask() -> None:
