@@ -223,13 +223,15 @@ def read_video(
                     f"video has {total} frames, over the limit of {limits.max_total_frames}"
                 )
         with _open_container(source) as container:
-            frames = _decode_sampled(container, sample_indices(total, num_frames))
+            frames, rotation = _decode_sampled(container, sample_indices(total, num_frames))
     except (av.FFmpegError, EOFError, ValueError) as exc:
         raise InvalidMediaError(f"{_describe(source)}: video data is corrupt ({exc})") from exc
     if not frames:
         raise InvalidMediaError(f"{_describe(source)}: video has no decodable frames")
     if duration <= 0 and fps > 0:
         duration = total / fps
+    if rotation % 180:  # a portrait phone video is stored landscape: report what is shown
+        width, height = height, width
     info = VideoInfo(
         duration_s=round(duration, 3),
         fps=round(fps, 3),
@@ -256,24 +258,52 @@ def _count_packets(container: av.container.InputContainer, stream: av.video.Vide
     return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _decode_sampled(container: av.container.InputContainer, wanted: list[int]) -> list[Image.Image]:
-    """The frames at the ``wanted`` indices (sorted), decoding no further than the last one."""
+def _decode_sampled(
+    container: av.container.InputContainer, wanted: list[int]
+) -> tuple[list[Image.Image], int]:
+    """The frames at the ``wanted`` indices (sorted), decoding no further than the last one,
+    turned upright; and the rotation that was applied (degrees counter-clockwise)."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     wanted_set = set(wanted)
     picked: dict[int, Image.Image] = {}
+    rotation = 0
     for index, frame in enumerate(container.decode(stream)):
         if index in wanted_set:
-            picked[index] = frame.to_image()
+            rotation = display_rotation(frame)
+            picked[index] = upright(frame.to_image(), rotation)
         if index >= wanted[-1]:
             break
     if not picked:
-        return []
+        return [], 0
     # A stream can hold fewer frames than its header or packet count says: reuse the last one.
     frames: list[Image.Image] = []
     for i in wanted:
         frames.append(picked.get(i, frames[-1] if frames else picked[min(picked)]))
-    return frames
+    return frames, rotation
+
+
+def display_rotation(frame: av.VideoFrame) -> int:
+    """How far a frame must turn counter-clockwise to be shown as intended: 0, 90, 180 or 270.
+
+    Phones store portrait video as landscape frames plus a display matrix; FFmpeg reports its
+    angle counter-clockwise (``av_display_rotation_get``), as PyAV's ``frame.rotation`` does.
+    Angles that are not a multiple of 90 are rounded to the nearest quarter turn.
+    """
+    degrees = getattr(frame, "rotation", 0) or 0
+    return round(degrees / 90.0) % 4 * 90
+
+
+_TURNS = {
+    90: Image.Transpose.ROTATE_90,  # PIL's ROTATE_* turn counter-clockwise
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_270,
+}
+
+
+def upright(image: Image.Image, rotation: int) -> Image.Image:
+    """``image`` turned ``rotation`` degrees counter-clockwise (a multiple of 90)."""
+    return image.transpose(_TURNS[rotation]) if rotation in _TURNS else image
 
 
 def is_video_path(path: str | Path) -> bool:

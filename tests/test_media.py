@@ -156,3 +156,45 @@ def test_bad_preprocess_config_is_a_config_error() -> None:
         Preprocessor(PreprocessConfig(interpolation="lanczos9"))
     with pytest.raises(ConfigError, match="mean and std"):
         Preprocessor(PreprocessConfig(mean=(0.5,)))
+
+
+def _rotated_clip(path, rotation: int) -> None:
+    """A landscape 64x32 clip, left half white, whose display matrix turns it ``rotation``
+    degrees counter-clockwise, as phones store portrait video."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        stored = np.zeros((32, 64, 3), np.uint8)
+        stored[:, :32] = 255
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.skipif(
+    not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+    reason="this PyAV cannot write a display matrix",
+)
+@pytest.mark.parametrize(
+    ("rotation", "size", "white_at", "black_at"),
+    [
+        # -90: turn clockwise, as a phone held upright records; the stored left goes to the top.
+        (-90, (32, 64), (16, 8), (16, 56)),
+        (90, (32, 64), (16, 56), (16, 8)),  # counter-clockwise: the stored left goes down
+        (180, (64, 32), (48, 16), (16, 16)),
+        (0, (64, 32), (16, 16), (48, 16)),
+    ],
+)
+def test_videos_are_turned_upright_by_their_display_matrix(
+    tmp_path, rotation, size, white_at, black_at
+) -> None:
+    path = tmp_path / f"rotated{rotation}.mp4"
+    _rotated_clip(path, rotation)
+    frames, info = read_video(path, 2)
+    assert (info.width, info.height) == size
+    for frame in frames:
+        assert frame.size == size
+        assert min(frame.getpixel(white_at)) > 200 and max(frame.getpixel(black_at)) < 50
