@@ -37,7 +37,8 @@ class ImageEncoder(nn.Module):
                 f"the config says {tuple(config.stage_channels)}; "
                 f"build it with encoder_config_for({config.name!r})"
             )
-        self.backbone.prune_intermediate_layers(max(config.stages) + 1, prune_head=True)
+        # A list means exactly these stages (an int would mean "the last n", keeping them all).
+        self.backbone.prune_intermediate_layers(list(config.stages), prune_head=True)
         # Channels-last runs depthwise convolutions markedly faster on CPUs (and tensor cores).
         self.backbone.to(memory_format=torch.channels_last)
         self.config = config
@@ -115,23 +116,18 @@ def load_pretrained_weights(encoder: ImageEncoder, source: str) -> None:
         state = _efficientnet_lite0_from_package(encoder)
     else:
         state = read_state_dict(Path(source))
-    target = encoder.backbone.state_dict()
-    # The classifier and any layer pruned after the last used stage are not needed.
-    unused = frozenset(k for k in state if k not in target and _prunable(k))
-    problem = mismatch(target, state, ignore=unused)
+    # Check the file against the whole backbone, so that weights of another model that happens
+    # to share the kept layers' names are refused; then load only the layers this encoder keeps.
+    full = _create_backbone(encoder.config.name).state_dict()
+    head = frozenset(k for k in state if k.startswith(("classifier.", "fc.", "head.", "head_")))
+    problem = mismatch(full, state, ignore=head)
     if problem:
         raise ModelLoadError(
             f"pretrained weights {source!r} do not match timm {encoder.config.name!r}: "
             f"{problem}. Use a weights file saved from the same timm model."
         )
+    target = encoder.backbone.state_dict()
     encoder.backbone.load_state_dict({k: state[k] for k in target}, strict=True)
-
-
-def _prunable(key: str) -> bool:
-    """Keys of layers a backbone may lose when pruned after a stage: heads and later blocks."""
-    return key.startswith(("classifier.", "fc.", "head", "conv_head.", "bn2.", "norm.")) or (
-        key.startswith(("blocks.", "stages.", "layer"))
-    )
 
 
 def _efficientnet_lite0_from_package(encoder: ImageEncoder) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ with a message fit to show the user.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+
+log = logging.getLogger(__name__)
 
 
 def _describe(source: object) -> str:
@@ -288,10 +292,23 @@ def display_rotation(frame: av.VideoFrame) -> int:
 
     Phones store portrait video as landscape frames plus a display matrix; FFmpeg reports its
     angle counter-clockwise (``av_display_rotation_get``), as PyAV's ``frame.rotation`` does.
-    Angles that are not a multiple of 90 are rounded to the nearest quarter turn.
+    Angles that are not a multiple of 90 are rounded to the nearest quarter turn. A mirroring
+    display matrix (rare: some front-camera clips) is not undone; only its rotation is.
     """
-    degrees = getattr(frame, "rotation", 0) or 0
+    if not hasattr(frame, "rotation"):
+        _warn_no_rotation()
+        return 0
+    degrees = frame.rotation or 0
     return round(degrees / 90.0) % 4 * 90
+
+
+@functools.cache
+def _warn_no_rotation() -> None:
+    log.warning(
+        "PyAV %s does not report display rotation (VideoFrame.rotation); portrait phone videos "
+        "will be read sideways. Upgrade PyAV to fix this.",
+        av.__version__,
+    )
 
 
 _TURNS = {

@@ -69,9 +69,9 @@ class FrameProjector(nn.Module):
         enc = config.encoder
         self.cells, self.channels = enc.cells, enc.cell_channels
         self.stage_channels = list(enc.stage_channels)
-        # No affine parameters: the layers after learn their own scale, and the norms then need
-        # no backward pass (the frozen features have no gradient), which halves this module's
-        # training cost.
+        # No affine parameters: the layers after learn their own scale, and with a frozen CNN
+        # (features without gradient) the norms then need no backward pass, which halved this
+        # module's training cost.
         self.stage_norms = nn.ModuleList(
             nn.LayerNorm(c, elementwise_affine=False) for c in self.stage_channels
         )
@@ -162,8 +162,11 @@ class CaptionDecoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.cell_dim % config.attention_heads:
-            raise ValueError("attention_heads must divide cell_dim")
+        if config.attention_heads < 1 or config.cell_dim % config.attention_heads:
+            raise ValueError(
+                f"attention_heads ({config.attention_heads}) must be a positive divisor of "
+                f"cell_dim ({config.cell_dim})"
+            )
         self.heads = config.attention_heads
         self.embed = nn.Embedding(config.vocab_size, config.word_dim)
         self.init_h = nn.Linear(config.visual_dim, config.decoder_hidden)

@@ -100,3 +100,30 @@ def test_unmatched_weights_file_is_an_error_not_a_random_init(tmp_path) -> None:
 def test_unknown_backbone_name() -> None:
     with pytest.raises(ModelLoadError, match="unknown timm backbone"):
         encoder_config_for("no_such_net")
+
+
+def test_layers_after_the_deepest_stage_are_pruned_and_their_weights_not_needed(tmp_path) -> None:
+    config = encoder_config_for("test_efficientnet", stages=(0, 2), grid_size=2)
+    encoder = ImageEncoder(config)
+    blocks = {
+        ".".join(name.split(".")[:2])
+        for name, _ in encoder.backbone.named_parameters()
+        if name.startswith("blocks.")
+    }
+    assert blocks == {"blocks.0", "blocks.1", "blocks.2"}
+    full = timm.create_model("test_efficientnet", pretrained=False).state_dict()
+    path = tmp_path / "full.safetensors"
+    save_file({k: v.contiguous() for k, v in full.items()}, str(path))
+    load_pretrained_weights(encoder, str(path))  # the pruned blocks' weights are simply unused
+    for key, value in encoder.backbone.state_dict().items():
+        assert torch.equal(value, full[key])
+
+
+def test_weights_of_a_deeper_sibling_model_are_refused(tmp_path) -> None:
+    """A file whose extra tensors look like later blocks is still the wrong model."""
+    encoder = ImageEncoder(encoder_config_for("efficientnet_lite0", grid_size=1))
+    other = timm.create_model("efficientnet_b0", pretrained=False).state_dict()
+    path = tmp_path / "b0.safetensors"
+    save_file({k: v.contiguous() for k, v in other.items()}, str(path))
+    with pytest.raises(ModelLoadError, match="do not match"):
+        load_pretrained_weights(encoder, str(path))

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
-from captioner.model import VisualContext, frame_mask
+from captioner.model import CaptionModel, VisualContext, frame_mask
 from tests.conftest import make_tiny_model
 
 
@@ -92,3 +95,10 @@ def test_frame_mask() -> None:
         [True, False, False],
         [True, True, True],
     ]
+
+
+def test_attention_heads_must_divide_the_cell_size(tiny_vocab) -> None:
+    config = make_tiny_model(tiny_vocab).config
+    for heads in (0, -2, 3):
+        with pytest.raises(ValueError, match="positive divisor"):
+            CaptionModel(dataclasses.replace(config, attention_heads=heads))
