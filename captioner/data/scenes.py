@@ -402,10 +402,11 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: int = FPS) -> Non
     with av.open(str(path), mode="w", format="mp4") as container:
         if "libx264" in av.codecs_available:
             stream = container.add_stream("libx264", rate=Fraction(fps))
-            # Single-threaded x264, set in x264's own parameters: with only the codec-level
-            # "threads" option, 40 of 2,000 clips came out with different bytes (and different
-            # decoded pixels) from one run to the next. More threads do not speed up clips this
-            # small anyway.
+            # Single-threaded x264, set in its own parameters (clips this small gain nothing from
+            # threads). Even so, libx264's output for a few clips depends on the state of the
+            # process that encodes them (measured: 32 of 2,000 clips differed between two
+            # generations of the same corpus; images and captions never did), so clip bytes,
+            # and the features and model trained on them, are not exactly reproducible.
             stream.options = {
                 "crf": str(_VIDEO_CRF),
                 "preset": "medium",
