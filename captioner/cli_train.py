@@ -108,12 +108,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     model_config, preprocess = preset("default")
     base = model_config.encoder
-    weights = args.weights or (base.pretrained if args.encoder in (None, base.name) else None)
+    name = args.encoder or base.name
+    default_backbone = name == base.name  # then its weights and stages are the defaults too
+    weights = args.weights or (base.pretrained if default_backbone else None)
     config = encoder_config_for(
-        args.encoder or base.name,
+        name,
         pretrained=weights,
         grid_size=args.grid_size or base.grid_size,
-        stages=base.stages if (args.encoder or base.name) == base.name else None,
+        stages=base.stages if default_backbone else None,
     )
     encoder = ImageEncoder(config)
     if weights:

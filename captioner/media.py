@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 from captioner.config import PreprocessConfig
 from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError
 
+log = logging.getLogger(__name__)
+
 ImageSource = Image.Image | bytes | str | Path
 VideoSource = bytes | str | Path
 
@@ -36,8 +38,6 @@ _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
-
-log = logging.getLogger(__name__)
 
 
 def _describe(source: object) -> str:

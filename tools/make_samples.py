@@ -3,7 +3,7 @@
     python tools/make_samples.py
 
 They come from the scenes generator with seed 99, which the default model never trained on:
-a one-object scene (the default model is reliable there, 98.8% on held-out data) and a clip.
+a one-object scene and a clip of a shape moving right.
 """
 
 from __future__ import annotations
