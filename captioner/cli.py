@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
+from captioner.media_types import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
 
 EXIT_INPUT_FAILED = 1  # at least one input could not be captioned
 EXIT_USAGE = 2  # bad arguments, or the model could not be loaded

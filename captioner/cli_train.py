@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from captioner.data.readers import DEFAULT_MAX_SKIPPED_SHARE
+
 log = logging.getLogger(__name__)
 
 
@@ -72,15 +74,21 @@ def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | No
         default="skip",
         help="bad items: skip (counted) or fail",
     )
+    parser.add_argument(
+        "--max-skipped-share",
+        type=float,
+        default=DEFAULT_MAX_SKIPPED_SHARE,
+        help="stop when more than this share of the entries is skipped "
+        f"(default {DEFAULT_MAX_SKIPPED_SHARE})",
+    )
 
 
 def _read(args: argparse.Namespace) -> list:
-    from captioner.data.readers import load_dataset
+    from captioner.data.readers import check_skipped, load_dataset
 
     result = load_dataset(args.data, root=args.root, split=args.split, on_error=args.on_error)
-    if result.skipped:
-        log.warning("skipped %d bad items of %s", len(result.skipped), args.data)
-    return result.items
+    hint = f"--max-skipped-share (now {args.max_skipped_share})"
+    return check_skipped(result, args.max_skipped_share, allow_hint=hint).items
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

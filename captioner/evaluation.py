@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.config import DecodingOptions
 from captioner.data.items import CaptionItem
+from captioner.errors import DatasetError
 from captioner.vocab import tokenize
 
 if TYPE_CHECKING:
@@ -200,11 +201,25 @@ def evaluate(
     use_java: bool | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The full report (COCO metrics + scene accuracy) and the predictions."""
+    """The full report (COCO metrics + scene accuracy) and the predictions.
+
+    Raises DatasetError when nothing can be scored (no item has reference captions, or none
+    that has could be read): a metrics file over zero items would look like a result.
+    """
+    references = {item.id: list(item.captions) for item in items if item.captions}
+    if not references:
+        raise DatasetError(
+            f"nothing to score: none of the {len(items)} items has reference captions; "
+            "evaluate a split that has them (--split test or val)"
+        )
     predictions, errors = predict(
         captioner, items, options, batch_size=batch_size, num_workers=num_workers, progress=progress
     )
-    references = {item.id: list(item.captions) for item in items if item.captions}
+    if not any(item_id in references for item_id in predictions):
+        raise DatasetError(
+            f"nothing to score: none of the {len(references)} items with reference captions "
+            f"could be read ({len(errors)} unreadable); first: {next(iter(errors.values()), '')}"
+        )
     report: dict[str, Any] = {"model": captioner.name, "items": len(items)}
     report.update(coco_metrics(references, predictions, use_java=use_java))
     report.update(scene_accuracy(items, predictions))

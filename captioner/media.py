@@ -30,8 +30,6 @@ VideoSource = bytes | str | Path
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a decompression-bomb guard: about 6300 x 6300
 MAX_ASPECT_RATIO = 50  # wider or taller images are refused (a 40000x1 strip is not a photo)
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".webm", ".avi", ".mov", ".mkv", ".gif", ".mpg"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -321,8 +319,3 @@ _TURNS = {
 def upright(image: Image.Image, rotation: int) -> Image.Image:
     """``image`` turned ``rotation`` degrees counter-clockwise (a multiple of 90)."""
     return image.transpose(_TURNS[rotation]) if rotation in _TURNS else image
-
-
-def is_video_path(path: str | Path) -> bool:
-    """True if the file name looks like a video container."""
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES

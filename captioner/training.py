@@ -45,7 +45,7 @@ from captioner.config import (
 )
 from captioner.data.features import FeatureCache, MediaDataset, extract_features
 from captioner.data.items import CaptionItem
-from captioner.data.readers import load_dataset
+from captioner.data.readers import DEFAULT_MAX_SKIPPED_SHARE, check_skipped, load_dataset
 from captioner.decoding import generate
 from captioner.errors import ConfigError, DatasetError
 from captioner.evaluation import coco_metrics, scene_accuracy
@@ -74,6 +74,9 @@ class DataConfig:
     val: str | None = None  # a separate validation file; default: the "val" split of ``train``
     generate: GenerateConfig | None = None
     on_error: str = "skip"  # "skip" bad items (counted and logged) or "fail" on the first one
+    # Training stops when more than this share of a dataset file's entries are skipped: a
+    # wrong root folder must not turn into a run on a fraction of the data.
+    max_skipped_share: float = DEFAULT_MAX_SKIPPED_SHARE
     min_count: int = 2  # words seen fewer times become <unk>
     max_caption_length: int = 24  # training captions are cut to this many tokens
     max_val_items: int = 1000  # validation decodes at most this many items per epoch
@@ -329,11 +332,15 @@ def seed_everything(seed: int) -> None:
 def read_splits(data: DataConfig) -> tuple[list[CaptionItem], list[CaptionItem]]:
     """Train items (with captions) and validation items, per the data config."""
     root = Path(data.root) if data.root else None
-    train = load_dataset(data.train, root=root, split="train", on_error=data.on_error).items
-    train = [item for item in train if item.captions]
+    hint = f"data.max_skipped_share (now {data.max_skipped_share})"
+
+    def read(source: str, split: str) -> list[CaptionItem]:
+        result = load_dataset(source, root=root, split=split, on_error=data.on_error)
+        return check_skipped(result, data.max_skipped_share, allow_hint=hint).items
+
+    train = [item for item in read(data.train, "train") if item.captions]
     val_source = data.val or data.train
-    val = load_dataset(val_source, root=root, split="val", on_error=data.on_error).items
-    val = [item for item in val if item.captions][: data.max_val_items]
+    val = [item for item in read(val_source, "val") if item.captions][: data.max_val_items]
     if not train:
         raise DatasetError(f"{data.train}: no training items with captions")
     if not val:

@@ -150,7 +150,12 @@ def test_concurrent_image_requests_are_right_and_batched(server, tiny_checkpoint
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["input"]["width"] == 40 + i
-        assert body["captions"] == [{"text": c.text, "log_prob": c.log_prob} for c in expected[i]]
+        # The server batches requests its own way, and a batch's composition changes the float
+        # summation order: texts must match exactly, log-probabilities to rounding.
+        assert [c["text"] for c in body["captions"]] == [c.text for c in expected[i]]
+        assert [c["log_prob"] for c in body["captions"]] == pytest.approx(
+            [c.log_prob for c in expected[i]], abs=1e-3
+        )
     (batch_sizes,) = [
         f for f in text_string_to_metric_families(metrics) if f.name == "captioner_batch_size"
     ]

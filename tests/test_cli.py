@@ -73,3 +73,33 @@ def test_bad_model_and_bad_option_are_one_line_errors(tmp_path, tiny_checkpoint,
     assert main(["caption", "x.png", "--model", str(tiny_checkpoint), "--beam-size", "0"]) == 2
     _, err = capsys.readouterr()
     assert err.count("captioner: error:") == 2 and "Traceback" not in err
+
+
+def test_evaluate_with_nothing_to_score_is_an_error(tmp_path, tiny_checkpoint, capsys) -> None:
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "a.png", "captions": [], "split": "test"}) + "\n")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(manifest),
+                 "--out", str(out), "--no-java"])  # fmt: skip
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "captioner: error: nothing to score: none of the 1 items has reference captions; "
+        "evaluate a split that has them (--split test or val)\n"
+    )
+    assert not (out / "metrics.json").exists()
+
+
+def test_evaluate_when_no_captioned_item_can_be_read_is_an_error(
+    tmp_path, tiny_checkpoint, capsys
+) -> None:
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "a.png", "captions": ["x"], "split": "test"}) + "\n")
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(manifest),
+                 "--no-java"])  # fmt: skip
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nothing to score: none of the 1 items with reference captions could be read" in last

@@ -13,6 +13,7 @@ import pytest
 from captioner.data.items import CaptionItem
 from captioner.data.readers import (
     ReadResult,
+    check_skipped,
     load_dataset,
     read_coco,
     read_karpathy,
@@ -103,13 +104,19 @@ def test_manifest_happy_path(manifest: Path, tmp_path: Path) -> None:
             item("cat", [media / "cat.jpg"], ["a cat sits.", "a cat"], "train"),
             item("clip-1", [media / "clip.MP4"], ["a clip"], "val", kind="video"),
             item(
-                "5",
+                "frames",
                 [media / "frames" / "0001.png", media / "frames" / "0002.png"],
                 [],
                 "test",
                 kind="video",
             ),
-            item("dog", [tmp_path / "elsewhere" / "dog.jpg"], ["a dog"], "train"),
+            # Outside the root folder, the id is the path as written, without the extension.
+            item(
+                (tmp_path / "elsewhere" / "dog").as_posix(),
+                [tmp_path / "elsewhere" / "dog.jpg"],
+                ["a dog"],
+                "train",
+            ),
         ],
         skipped=[],
         source=manifest,
@@ -731,3 +738,159 @@ def test_load_dataset_rejects_invalid_json(tmp_path: Path) -> None:
 def test_load_dataset_rejects_an_unknown_split(manifest: Path) -> None:
     with pytest.raises(ConfigError, match="split"):
         load_dataset(manifest, split="dev")
+
+
+# --- ids derived from paths, and duplicates (same-named files in different folders) ----------
+
+
+def test_same_file_names_in_different_folders_keep_every_item(tmp_path: Path) -> None:
+    # The emoji sets' layout: one folder per artist, the same file names in each.
+    artists = ("google", "twitter", "facebook")
+    names = ("1f600.png", "0023-fe0f-20e3.png")
+    touch(*(tmp_path / artist / "64" / name for artist in artists for name in names))
+    lines = [
+        {"path": f"{artist}/64/{name}", "captions": [f"{artist} {name}"], "split": "train"}
+        for artist in artists
+        for name in names
+    ]
+    result = read_manifest(write_jsonl(tmp_path / "manifest.jsonl", lines))
+    assert result.skipped == []
+    assert [i.id for i in result.items] == [
+        f"{artist}/64/{Path(name).stem}" for artist in artists for name in names
+    ]
+
+
+def test_same_named_videos_and_frame_sequences_in_different_folders(tmp_path: Path) -> None:
+    touch(tmp_path / "2024" / "IMG_0001.mp4", tmp_path / "2025" / "IMG_0001.mp4")
+    frames = {folder: [f"{folder}/walk/{n:03d}.png" for n in range(3)] for folder in ("a", "b")}
+    touch(*(tmp_path / frame for paths in frames.values() for frame in paths))
+    split_frames = ["a/walk/000.png", "b/walk/001.png"]  # one sequence across two folders
+    lines = [
+        {"path": "2024/IMG_0001.mp4", "captions": ["one"], "split": "train"},
+        {"path": "2025/IMG_0001.mp4", "captions": ["two"], "split": "train"},
+        {"paths": frames["a"], "captions": ["three"], "split": "val"},
+        {"paths": frames["b"], "captions": ["four"], "split": "val"},
+        {"paths": split_frames, "captions": ["five"], "split": "val"},
+    ]
+    result = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines))
+    assert [(i.id, i.kind) for i in result.items] == [
+        ("2024/IMG_0001", "video"),
+        ("2025/IMG_0001", "video"),
+        ("a/walk", "video"),  # a sequence in one folder is named by the folder
+        ("b/walk", "video"),
+        ("a/walk/000", "video"),  # otherwise by its first frame
+    ]
+
+
+def test_a_file_listed_twice_is_one_item_with_both_lines_captions(tmp_path: Path) -> None:
+    touch(tmp_path / "cat.jpg")
+    lines = [
+        {"path": "cat.jpg", "captions": ["a cat"], "split": "train", "meta": {"a": 1}},
+        {"path": "cat.jpg", "captions": ["a sleeping cat"], "split": "train", "meta": {"b": 2}},
+    ]
+    result = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines))
+    assert result.items == [
+        item("cat", [tmp_path / "cat.jpg"], ["a cat", "a sleeping cat"], "train")
+    ]
+    assert result.items[0].meta == {"a": 1, "b": 2}
+
+
+def test_a_file_listed_in_two_splits_is_reported_by_name(tmp_path: Path) -> None:
+    touch(tmp_path / "cat.jpg")
+    lines = [
+        {"path": "cat.jpg", "captions": ["a cat"], "split": "train"},
+        {"path": "cat.jpg", "captions": ["a cat"], "split": "test"},
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", lines)
+    assert_fails(
+        f"line 2: {tmp_path / 'cat.jpg'} is listed on line 1 with split 'train' and here with "
+        "split 'test'",
+        read_manifest,
+        path,
+    )
+
+
+def test_same_stem_other_extension_gets_the_line_number(tmp_path: Path) -> None:
+    touch(tmp_path / "photo.jpg", tmp_path / "photo.png")
+    lines = [
+        {"path": "photo.jpg", "captions": ["x"], "split": "train"},
+        {"path": "photo.png", "captions": ["y"], "split": "train"},
+    ]
+    result = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines))
+    assert [i.id for i in result.items] == ["photo", "photo#2"]
+
+
+def test_explicit_duplicate_ids_stay_an_error_across_folders(tmp_path: Path) -> None:
+    touch(tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg")
+    lines = [
+        {"id": "x", "path": "a/x.jpg", "captions": ["x"], "split": "train"},
+        {"id": "x", "path": "b/x.jpg", "captions": ["y"], "split": "train"},
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", lines)
+    assert_fails("line 2: duplicate id 'x' (first on line 1)", read_manifest, path)
+
+
+def test_m4v_and_mpg_are_videos_as_everywhere_else(tmp_path: Path) -> None:
+    touch(tmp_path / "a.m4v", tmp_path / "b.mpg")
+    lines = [{"path": n, "captions": [], "split": "test"} for n in ("a.m4v", "b.mpg")]
+    assert [i.kind for i in read_manifest(write_jsonl(tmp_path / "m.jsonl", lines)).items] == [
+        "video",
+        "video",
+    ]
+
+
+def test_karpathy_without_numeric_ids_uses_the_relative_path(tmp_path: Path) -> None:
+    touch(tmp_path / "train" / "1.jpg", tmp_path / "val" / "1.jpg")
+    entries = [
+        {"filepath": folder, "filename": "1.jpg", "split": "train", "sentences": []}
+        for folder in ("train", "val")
+    ]
+    path = write_json(tmp_path / "dataset.json", {"images": entries})
+    assert [i.id for i in read_karpathy(path, tmp_path).items] == ["train/1", "val/1"]
+
+
+# --- the skipped-share guard ------------------------------------------------------------------
+
+
+def _manifest_with_bad_lines(tmp_path: Path, good: int, bad: int) -> Path:
+    touch(*(tmp_path / f"{n}.jpg" for n in range(good)))
+    lines: list[Any] = [
+        {"path": f"{n}.jpg", "captions": ["c"], "split": "train" if n % 2 else "val"}
+        for n in range(good)
+    ]
+    lines += [{"path": f"missing-{n}.jpg", "captions": ["c"], "split": "train"} for n in range(bad)]
+    return write_jsonl(tmp_path / "m.jsonl", lines)
+
+
+def test_check_skipped_names_the_count_and_the_first_cause(tmp_path: Path) -> None:
+    path = _manifest_with_bad_lines(tmp_path, good=18, bad=2)
+    result = load_dataset(path, split="train", on_error="skip")
+    assert len(result.items) == 9 and result.entries == 20  # entries of every split count
+    with pytest.raises(DatasetError) as caught:
+        check_skipped(result, 0.05, allow_hint="--max-skipped-share")
+    message = str(caught.value)
+    assert "skipped 2 of 20 entries (10.0%), more than the 5% allowed" in message
+    assert "file not found: " in message and "missing-" in message
+    assert message.endswith("accept a larger share with --max-skipped-share")
+    assert check_skipped(result, 0.10, allow_hint="x") is result  # exactly at the limit: kept
+
+
+def test_check_skipped_passes_a_clean_read(tmp_path: Path) -> None:
+    result = load_dataset(_manifest_with_bad_lines(tmp_path, good=4, bad=0), on_error="skip")
+    assert check_skipped(result, 0.0, allow_hint="x").items == result.items
+
+
+def test_check_skipped_counts_coco_annotations_as_entries(tmp_path: Path) -> None:
+    touch(tmp_path / "1.jpg")
+    data = {
+        "images": [{"id": 1, "file_name": "1.jpg"}],
+        "annotations": [{"image_id": 1, "id": n, "caption": "a cat"} for n in range(9)]
+        + [{"image_id": 1, "id": 9, "caption": 5}],
+    }
+    result = read_coco(
+        write_json(tmp_path / "c.json", data), tmp_path, split="val", on_error="skip"
+    )
+    assert result.entries == 11  # one image and ten annotations
+    check_skipped(result, 0.1, allow_hint="x")
+    with pytest.raises(DatasetError, match="skipped 1 of 11 entries"):
+        check_skipped(result, 0.05, allow_hint="x")

@@ -173,3 +173,30 @@ def test_finetuning_phase_trains_the_cnn_on_pixels(tmp_path, manifest) -> None:
     assert after.config.encoder.frozen is False
     changed = [k for k, v in after.encoder.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "fine-tuning left every CNN weight as it was"
+
+
+def _with_missing_files(manifest: Path, tmp_path: Path, count: int) -> Path:
+    """A copy of ``manifest`` (beside it, so its paths resolve) with ``count`` lines whose
+    files do not exist."""
+    lines = manifest.read_text().splitlines()
+    bad = [json.dumps({"path": f"gone-{n}.png", "captions": ["x"], "split": "train"}) for n in
+           range(count)]  # fmt: skip
+    copy = manifest.parent / f"with-{count}-missing-{tmp_path.name}.jsonl"
+    copy.write_text("\n".join(lines + bad) + "\n")
+    return copy
+
+
+def test_training_stops_when_a_large_share_of_the_data_is_skipped(
+    tmp_path, manifest, capsys
+) -> None:
+    total = len(manifest.read_text().splitlines())
+    broken = _with_missing_files(manifest, tmp_path, count=total // 10)
+    config = _config(tmp_path, broken)
+    assert main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("captioner: error: ")
+    assert f"skipped {total // 10} of {total + total // 10} entries" in error
+    assert "file not found" in error and "data.max_skipped_share" in error
+    assert not (tmp_path / "run" / "best").exists()
+    # Opting in to a larger share trains on what is left.
+    assert main(["train", "--config", str(config), "epochs=1", "data.max_skipped_share=0.2"]) == 0

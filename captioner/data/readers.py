@@ -9,6 +9,12 @@ A file that is missing or is not valid JSON always raises.
 Items without captions (COCO images without annotations, MSR-VTT videos without sentences,
 manifest lines with ``"captions": []``) are kept, because inference and test sets have none;
 training code must leave them out.
+
+An id a reader derives is unique whenever the paths are: it is the media's path relative to
+the dataset's root, without the extension (``google/64/1f600``), never the bare file stem, which
+camera folders and per-source exports repeat. Formats with ids of their own keep them.
+Skipping is for the odd bad line: :func:`check_skipped` turns a large skipped share into an
+error, so that a run never trains on a fraction of its data without being told.
 """
 
 from __future__ import annotations
@@ -17,16 +23,19 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Container
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from captioner.data.items import SPLITS, CaptionItem
 from captioner.errors import ConfigError, DatasetError
+from captioner.media_types import VIDEO_SUFFIXES
 
 __all__ = [
+    "DEFAULT_MAX_SKIPPED_SHARE",
     "VIDEO_EXTENSIONS",
     "ReadResult",
+    "check_skipped",
     "load_dataset",
     "read_coco",
     "read_karpathy",
@@ -38,8 +47,11 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["fail", "skip"]
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif"})
+VIDEO_EXTENSIONS = VIDEO_SUFFIXES
 """File extensions a manifest treats as video files when an entry gives no ``kind``."""
+
+DEFAULT_MAX_SKIPPED_SHARE = 0.01
+"""Training and evaluation stop when a reader skips more than this share of its entries."""
 
 KINDS = ("image", "video")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -65,6 +77,25 @@ class ReadResult:
     items: list[CaptionItem]
     skipped: list[str]  # one message per skipped line, entry or annotation
     source: Path  # the dataset file that was read
+    # Entries read, in every split, kept or skipped: the denominator of the skipped share.
+    entries: int = field(default=0, compare=False)
+
+
+def check_skipped(result: ReadResult, max_share: float, *, allow_hint: str) -> ReadResult:
+    """Raise when more than ``max_share`` of the entries read were skipped; return ``result``.
+
+    ``on_error="skip"`` is for the odd bad line. A reader that drops a large share points at a
+    wrong root folder or a systematic problem, and training on what is left is data loss.
+    ``allow_hint`` tells the user how to accept a larger share (a flag or a config key).
+    """
+    skipped, total = len(result.skipped), max(result.entries, len(result.skipped))
+    if skipped and skipped > max_share * total:
+        raise DatasetError(
+            f"{result.source}: skipped {skipped} of {total} entries ({skipped / total:.1%}), "
+            f"more than the {max_share:.0%} allowed; first: {result.skipped[0]}. Fix the data, "
+            f"or accept a larger share with {allow_hint}"
+        )
+    return result
 
 
 def read_manifest(
@@ -80,8 +111,11 @@ def read_manifest(
     "test", "kind"?: "image"|"video", "meta"?: {...}}``, with ``"paths": [str, ...]`` instead
     of ``"path"`` for an ordered frame sequence. Relative paths are resolved against ``root``
     (default: the manifest's folder). ``kind`` defaults to "video" for a frame sequence or a
-    video file extension (:data:`VIDEO_EXTENSIONS`), else "image"; ``id`` defaults to the
-    file's stem, or to the line number for a frame sequence. ``captions`` may be an empty list
+    video file extension (:data:`VIDEO_EXTENSIONS`), else "image". ``id`` defaults to
+    :func:`derived_id`: the path relative to the root without its extension, so files of the
+    same name in different folders stay apart. An explicit id used twice is an error; a file
+    (or frame sequence) listed twice without ids is one item with the captions of both lines,
+    and must have the same split and kind on both. ``captions`` may be an empty list
     (inference and test manifests). Blank lines and unknown fields are ignored.
     """
     source = Path(path)
@@ -102,7 +136,8 @@ def read_karpathy(
     "val2014"), so ``image_root`` is the folder that holds ``train2014/`` and ``val2014/`` for
     COCO, or the image folder for Flickr. "restval" images go to the train split, and
     ``meta["karpathy_split"]`` keeps the original split. ``id`` is ``cocoid``, else ``imgid``,
-    else the file name's stem; captions are the sentences' ``raw`` text, stripped.
+    else ``filepath/filename`` without the extension; captions are the sentences' ``raw``
+    text, stripped.
     """
     source = Path(json_path)
     return _read_karpathy(_load_json(source), source, Path(image_root), on_error, check_files)
@@ -224,6 +259,7 @@ class _Reader:
         self.keep_split = keep_split
         self.items: list[CaptionItem] = []
         self.skipped: list[str] = []
+        self.entries = 0
         self._ids: set[str] = set()
 
     def claim_id(self, item_id: str) -> None:
@@ -235,6 +271,7 @@ class _Reader:
     def add(self, item: CaptionItem) -> None:
         """Keep an item if it is in the wanted split and its files exist."""
         if self.keep_split is not None and item.split != self.keep_split:
+            self.entries += 1
             return
         if self.check_files:
             missing = [path for path in item.paths if not path.exists()]
@@ -244,6 +281,7 @@ class _Reader:
                     f"file not found: {missing[0]}{more}; check the path and the root folder, "
                     "or pass check_files=False to leave files unchecked"
                 )
+        self.entries += 1
         self.items.append(item)
 
     def reject(self, where: str, problem: str) -> None:
@@ -252,6 +290,7 @@ class _Reader:
         if self.on_error == "fail":
             raise DatasetError(f"{message}. {_SKIP_HINT}")
         self.skipped.append(message)
+        self.entries += 1
 
     def result(self) -> ReadResult:
         """Finish reading: warn once about what was skipped."""
@@ -263,7 +302,7 @@ class _Reader:
                 len(self.items),
                 self.skipped[0],
             )
-        return ReadResult(items=self.items, skipped=self.skipped, source=self.source)
+        return ReadResult(self.items, self.skipped, self.source, self.entries)
 
 
 def _read_manifest(
@@ -276,6 +315,9 @@ def _read_manifest(
 ) -> ReadResult:
     reader = _Reader(source, on_error, check_files, keep_split)
     base = base.absolute()
+    # Lines are gathered first, because a file listed twice is one item with both lines'
+    # captions; the split filter and the file checks then apply to the merged item.
+    found: dict[str, tuple[int, CaptionItem]] = {}
     try:
         with source.open("rb") as file:
             for lineno, raw in enumerate(file, start=1):
@@ -283,16 +325,73 @@ def _read_manifest(
                     text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                     if not text.strip():
                         continue
-                    item = _manifest_item(_parse_line(text), lineno, base)
-                    reader.claim_id(item.id)
-                    reader.add(item)
+                    entry = _parse_line(text)
+                    item, explicit_id = _manifest_item(entry, lineno, base)
+                    _place_manifest_item(found, item, explicit_id, lineno)
                 except UnicodeDecodeError as error:
                     reader.reject(f"line {lineno}", f"not valid UTF-8 ({error.reason})")
                 except _Malformed as error:
                     reader.reject(f"line {lineno}", str(error))
     except OSError as error:
         raise DatasetError(f"{source}: cannot read the manifest: {error.strerror}") from error
+    for lineno, item in found.values():
+        try:
+            reader.add(item)
+        except _Malformed as error:
+            reader.reject(f"line {lineno}", str(error))
     return reader.result()
+
+
+def _place_manifest_item(
+    found: dict[str, tuple[int, CaptionItem]], item: CaptionItem, explicit_id: bool, lineno: int
+) -> None:
+    """Add a manifest line's item to ``found``, merging a file listed twice.
+
+    An explicit id that is taken is an error. A derived id that is taken by the same media is
+    the same item listed again: its captions are joined, in line order. A derived id taken by
+    other media (``a/photo.jpg`` beside ``a/photo.png``) gets the line number as a suffix.
+    """
+    taken = found.get(item.id)
+    if taken is None:
+        found[item.id] = (lineno, item)
+        return
+    first_line, first = taken
+    if explicit_id:
+        raise _Malformed(
+            f"duplicate id {item.id!r} (first on line {first_line}); every item needs a unique id"
+        )
+    if first.paths != item.paths:
+        found[f"{item.id}#{lineno}"] = (lineno, replace(item, id=f"{item.id}#{lineno}"))
+        return
+    for name in ("split", "kind"):
+        if getattr(first, name) != getattr(item, name):
+            raise _Malformed(
+                f"{_media_name(item)} is listed on line {first_line} with {name} "
+                f"{getattr(first, name)!r} and here with {name} {getattr(item, name)!r}; "
+                f"list it once, with one {name}"
+            )
+    merged = replace(first, captions=first.captions + item.captions, meta=first.meta | item.meta)
+    found[item.id] = (first_line, merged)
+
+
+def _media_name(item: CaptionItem) -> str:
+    return str(item.paths[0]) + (
+        f" (+{len(item.paths) - 1} frames)" if item.is_frame_sequence else ""
+    )
+
+
+def derived_id(paths: tuple[Path, ...], root: Path) -> str:
+    """The id of media that has none: its path relative to ``root``, without the extension.
+
+    A frame sequence whose frames share one folder is named by that folder; otherwise by its
+    first frame. Paths outside ``root`` are used as they are. Unique whenever the paths are
+    (up to the extension), unlike the file stem.
+    """
+    folders = {path.parent for path in paths}
+    one_folder = len(paths) > 1 and len(folders) == 1
+    named = folders.pop() if one_folder else paths[0].with_suffix("")
+    # Outside the root, the path is used as it is.
+    return (named.relative_to(root) if named.is_relative_to(root) else named).as_posix()
 
 
 def _read_karpathy(
@@ -313,9 +412,9 @@ def _read_karpathy(
         try:
             entry = _object(entry, "the entry")
             filename = _string(_require(entry, "filename"), "'filename'")
-            item_id = _karpathy_id(entry, filename)
-            where = f"{where} (id {item_id})"
             folder = _string(entry["filepath"], "'filepath'") if "filepath" in entry else ""
+            item_id = _karpathy_id(entry, Path(folder, filename))
+            where = f"{where} (id {item_id})"
             raw_split = _choice(_require(entry, "split"), "'split'", KARPATHY_SPLITS)
             sentences = _array(_require(entry, "sentences"), "'sentences'")
             captions = tuple(_karpathy_caption(s, n) for n, s in enumerate(sentences))
@@ -335,11 +434,11 @@ def _read_karpathy(
     return reader.result()
 
 
-def _karpathy_id(entry: dict[str, Any], filename: str) -> str:
+def _karpathy_id(entry: dict[str, Any], relative: Path) -> str:
     for key in ("cocoid", "imgid"):
         if key in entry:
             return str(_integer(entry[key], f"'{key}'"))
-    return Path(filename).stem
+    return relative.with_suffix("").as_posix()
 
 
 def _karpathy_caption(sentence: Any, index: int) -> str:
@@ -440,6 +539,7 @@ def _group_captions(
                     continue  # its image or video was already reported
                 raise _Malformed(f"'{id_key}' {owner!r} is not in '{owners}'")
             captions[owner].append(caption)
+            reader.entries += 1
         except _Malformed as error:
             reader.reject(where, str(error))
     return captions
@@ -499,7 +599,8 @@ def _read_msrvtt(
     return reader.result()
 
 
-def _manifest_item(entry: Any, lineno: int, base: Path) -> CaptionItem:
+def _manifest_item(entry: Any, lineno: int, base: Path) -> tuple[CaptionItem, bool]:
+    """A manifest line's item, and whether its id was given (True) or derived (False)."""
     entry = _object(entry, "the line")
     if ("path" in entry) == ("paths" in entry):
         raise _Malformed("give exactly one of 'path' (one file) or 'paths' (a frame sequence)")
@@ -517,19 +618,19 @@ def _manifest_item(entry: Any, lineno: int, base: Path) -> CaptionItem:
     )
     split = _choice(_require(entry, "split"), "'split'", SPLITS)
     if len(paths) > 1:
-        default_kind, default_id = "video", str(lineno)
+        default_kind = "video"
     else:
-        suffix = paths[0].suffix.lower()
-        default_kind = "video" if suffix in VIDEO_EXTENSIONS else "image"
-        default_id = paths[0].stem
+        default_kind = "video" if paths[0].suffix.lower() in VIDEO_EXTENSIONS else "image"
     kind = _choice(entry["kind"], "'kind'", KINDS) if "kind" in entry else default_kind
     if len(paths) > 1 and kind != "video":
         raise _Malformed("a frame sequence ('paths' with several frames) must have kind 'video'")
-    item_id = _string(entry["id"], "'id'") if "id" in entry else default_id
+    explicit = "id" in entry
+    item_id = _string(entry["id"], "'id'") if explicit else derived_id(paths, base)
     meta = _object(entry["meta"], "'meta'") if "meta" in entry else {}
-    return CaptionItem(
+    item = CaptionItem(
         id=item_id, paths=paths, kind=kind, captions=captions, split=split, meta=meta
     )
+    return item, explicit
 
 
 def _parse_line(text: str) -> Any:
