@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,3 +72,27 @@ def test_unreadable_items_are_recorded_not_fatal(tmp_path, corpus) -> None:
     finally:
         corpus[0].paths[0].write_bytes(broken)
     assert cache.failed == {corpus[0].id}
+
+
+def test_a_cache_of_a_superset_is_reused_without_running_the_encoder(tmp_path, corpus) -> None:
+    encoder, preprocess = _encoder()
+    folder = tmp_path / "cache"
+    whole = extract_features(corpus, encoder, preprocess, folder, num_workers=0, progress=False)
+    calls = []
+    encoder.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    subset = corpus[3:9]
+    reused = extract_features(subset, encoder, preprocess, folder, num_workers=0, progress=False)
+    assert calls == []
+    assert reused.ids == whole.ids
+    # Other media under the same ids, or another preprocessing, is not the same cache.
+    moved = [replace(item, paths=(tmp_path / "elsewhere.png",)) for item in subset[:1]]
+    assert not _covers_after_change(folder, moved, encoder, preprocess)
+    preprocess.num_frames = 2
+    assert not _covers_after_change(folder, subset, encoder, preprocess)
+
+
+def _covers_after_change(folder, items, encoder, preprocess) -> bool:
+    from captioner.data.features import _covers, _plan
+
+    old = json.loads((folder / "index.json").read_text())
+    return _covers(folder, old, _plan(items, encoder.config, preprocess), items)

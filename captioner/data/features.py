@@ -146,6 +146,7 @@ def _plan(
         "feature_dim": encoder.feature_dim,
         "total_frames": int(sum(lengths)),
         "ids": [item.id for item in items],
+        "paths": [[str(p) for p in item.paths] for item in items],
         "offsets": offsets,
         "lengths": lengths,
     }
@@ -173,6 +174,9 @@ def extract_features(
         if old.get("fingerprint") == plan["fingerprint"]:
             state = json.loads(progress_path.read_text())
             log.info("resuming feature extraction at item %d of %d", state["done"], len(items))
+        elif _covers(folder, old, plan, items):
+            log.info("%s already holds features of these items: reusing it", folder)
+            return FeatureCache.open(folder)
         else:
             log.warning(
                 "%s holds features of other items or another encoder: starting over", folder
@@ -233,6 +237,23 @@ def extract_features(
     if state["failed"]:
         log.warning("%d items could not be read and were left out", len(state["failed"]))
     return FeatureCache.open(folder)
+
+
+def _covers(folder: Path, old: dict, plan: dict, items: Sequence[CaptionItem]) -> bool:
+    """Whether a finished cache made with the same encoder and preprocessing holds every item.
+
+    Then a run over a subset (training's train and val items, after one extraction of a whole
+    dataset) reads it instead of extracting again.
+    """
+    same = json.loads(json.dumps([plan["encoder"], plan["preprocess"]]))  # tuples as lists
+    if [old.get("encoder"), old.get("preprocess")] != same:
+        return False
+    try:
+        cache = FeatureCache.open(folder)
+    except DatasetError:
+        return False  # unfinished or damaged: extract anew
+    held = dict(zip(cache.ids, old.get("paths", ()), strict=False))  # older caches: no paths
+    return all(held.get(item.id) == [str(p) for p in item.paths] for item in items)
 
 
 def _write_progress(path: Path, state: dict) -> None:
