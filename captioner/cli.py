@@ -1,6 +1,6 @@
 """The ``captioner`` command line: ``main(argv)`` so that tests can call it in-process.
 
-Subcommands: caption, data generate, features extract, train, evaluate, serve.
+Subcommands: caption, data generate, data emoji, features extract, train, evaluate, serve.
 Results go to stdout; logs and one-line errors go to stderr.
 """
 

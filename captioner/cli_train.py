@@ -1,4 +1,4 @@
-"""Training-side subcommands: data generate, features extract, train, evaluate."""
+"""Training-side subcommands: data generate, data emoji, features extract, train, evaluate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from captioner.data.emoji import SCHEMES as EMOJI_SCHEMES
+from captioner.data.emoji import prepare_emoji  # stdlib only: cheap to import
 from captioner.data.readers import DEFAULT_MAX_SKIPPED_SHARE
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--image-size", type=int, default=224)
     generate.set_defaults(handler=_cmd_generate)
+    emoji = data.add_parser(
+        "emoji", help="download the emoji development set (npm) and write its manifests"
+    )
+    emoji.add_argument(
+        "--split",
+        choices=(*EMOJI_SCHEMES, "all"),
+        required=True,
+        help="split scheme whose manifest to write, or all of them",
+    )
+    emoji.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="images and manifests (default: $XDG_CACHE_HOME/captioner/emoji or ~/.cache/...)",
+    )
+    emoji.set_defaults(handler=_cmd_emoji)
 
     features = commands.add_parser("features", help="feature cache").add_subparsers(
         dest="features_command", required=True
@@ -98,6 +116,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.out, args.images, args.videos, args.seed, image_size=args.image_size, progress=True
     )
     print(manifest)
+    return 0
+
+
+def _cmd_emoji(args: argparse.Namespace) -> int:
+    schemes = list(EMOJI_SCHEMES) if args.split == "all" else [args.split]
+    for manifest in prepare_emoji(schemes, args.cache):
+        print(manifest)
     return 0
 
 
