@@ -78,6 +78,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--no-java", action="store_true", help="skip METEOR and the PTB tokenizer"
     )
+    evaluate.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score retrieval baselines (nearest neighbour, consensus re-ranking) that "
+        "retrieve from the train split of --data",
+    )
+    evaluate.add_argument(
+        "--features", type=Path, default=None, help="a feature cache of this model's encoder"
+    )
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -183,16 +192,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.data.features import FeatureCache
     from captioner.evaluation import evaluate, write_predictions
     from captioner.inference import Captioner
 
     captioner = Captioner.load(args.model, device=args.device)
     items = _read(args)
     options = captioner.options(beam_size=args.beam_size)
+    pool = None
+    if args.baselines:
+        pool = _read(argparse.Namespace(**{**vars(args), "split": "train"}))
+    features = FeatureCache.open(args.features) if args.features else None
     report, predictions = evaluate(
         captioner,
         items,
         options,
+        pool_items=pool,
+        features=features,
         batch_size=args.batch_size,
         num_workers=args.workers,
         use_java=False if args.no_java else None,

@@ -170,3 +170,21 @@ def map_lite0_state_dict(
             )
         mapped[dst_key] = tensor
     return mapped
+
+
+def pooled_embedding(
+    features: torch.Tensor, lengths: torch.Tensor, config: EncoderConfig
+) -> torch.Tensor:
+    """Encoder features (B, T, D) of zero-padded sequences -> one unit vector (B, E) each.
+
+    Each stage's channels are averaged over the cells and normalised on their own (their
+    scales differ by orders of magnitude), then averaged over a sequence's real frames: the
+    "pooled encoder features" that retrieval compares by cosine similarity.
+    """
+    batch, steps = features.shape[:2]
+    cells = features.float().reshape(batch, steps, config.cells, config.cell_channels).mean(2)
+    stages = [F.normalize(part, dim=-1) for part in cells.split(list(config.stage_channels), -1)]
+    per_frame = torch.cat(stages, dim=-1)  # (B, T, E)
+    real = torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    summed = (per_frame * real.unsqueeze(-1).to(per_frame.dtype)).sum(1)
+    return F.normalize(summed, dim=-1)

@@ -14,15 +14,21 @@ import json
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.config import DecodingOptions
+import numpy as np
+import torch
+
+from captioner.config import DecodingOptions, to_dict
 from captioner.data.items import CaptionItem
 from captioner.errors import DatasetError
+from captioner.retrieval import CONSENSUS_K, RetrievalPool
 from captioner.vocab import tokenize
 
 if TYPE_CHECKING:
+    from captioner.data.features import FeatureCache
     from captioner.inference import Captioner
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr-D")
@@ -156,39 +162,126 @@ def write_predictions(path: str | Path, predictions: Mapping[str, str]) -> None:
     Path(path).write_text(json.dumps(records, indent=1), encoding="utf-8")
 
 
+@dataclass
+class Predictions:
+    """What captioning a set of items gave: best captions, retrieval embeddings, failures."""
+
+    captions: dict[str, str] = field(default_factory=dict)  # id -> best caption ("" if none)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (E,) unit vector
+    errors: dict[str, str] = field(default_factory=dict)  # id -> why its media was unreadable
+
+
 def predict(
     captioner: Captioner,
     items: Sequence[CaptionItem],
     options: DecodingOptions | None = None,
     *,
+    features: FeatureCache | None = None,
+    embed_only: bool = False,
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = False,
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> Predictions:
     """Caption ``items`` in batches, decoding media in worker processes.
 
-    Returns (predictions by id, errors by id for media that could not be read).
+    Items held by ``features`` (a cache made with this model's encoder) are captioned from
+    their cached encoder outputs, without running the CNN. With ``embed_only``, only the
+    retrieval embeddings are computed (for a retrieval pool).
     """
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from captioner.data.features import MediaDataset
 
+    result = Predictions()
+    cached: list[CaptionItem] = []
+    if features is not None:
+        check_cache_matches(features, captioner)
+        position = features.position()
+        cached = [item for item in items if item.id in position and item.id not in features.failed]
+        result.errors.update(
+            {i.id: features.failed[i.id] for i in items if i.id in features.failed}
+        )
+    held = {item.id for item in cached} | set(result.errors)
+    to_load = [item for item in items if item.id not in held]
+
+    def record(batch: Sequence[CaptionItem], tensors: list, from_features: bool) -> None:
+        if embed_only:
+            embeddings = captioner.embed(tensors, features=from_features)
+        else:
+            captions, embeddings = captioner.caption_and_embed(
+                tensors, options, features=from_features
+            )
+            result.captions.update(
+                {i.id: best_caption(c) for i, c in zip(batch, captions, strict=True)}
+            )
+        result.embeddings.update(zip((i.id for i in batch), embeddings, strict=True))
+
+    bar = tqdm(total=len(items), disable=not progress, desc="evaluate", unit="item")
+    for start in range(0, len(cached), batch_size):
+        batch = cached[start : start + batch_size]
+        record(batch, [_cached_tensor(features, position[i.id]) for i in batch], True)
+        bar.update(len(batch))
     loader = DataLoader(
-        MediaDataset(items, captioner.checkpoint.preprocess),
+        MediaDataset(to_load, captioner.checkpoint.preprocess),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=list,
     )
-    predictions: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    for batch in tqdm(loader, disable=not progress, desc="evaluate", unit="batch"):
-        good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
-        errors.update({items[index].id: error for index, pixels, error in batch if pixels is None})
-        results = captioner.caption_tensors([pixels for _, pixels in good], options)
-        for (index, _), captions in zip(good, results, strict=True):
-            predictions[items[index].id] = captions[0].text if captions else ""
-    return predictions, errors
+    for loaded in loader:
+        good = [(to_load[index], pixels) for index, pixels, _ in loaded if pixels is not None]
+        result.errors.update(
+            {to_load[i].id: error for i, pixels, error in loaded if pixels is None}
+        )
+        if good:
+            record([item for item, _ in good], [pixels for _, pixels in good], False)
+        bar.update(len(loaded))
+    bar.close()
+    return result
+
+
+def _cached_tensor(cache: FeatureCache | None, row: int) -> torch.Tensor:
+    assert cache is not None
+    return torch.from_numpy(np.asarray(cache.features(row), dtype=np.float32))
+
+
+def check_cache_matches(cache: FeatureCache, captioner: Captioner) -> None:
+    """Raise unless ``cache`` was made with this model's encoder and preprocessing."""
+    model = captioner.model.config.encoder
+    wanted = json.loads(json.dumps([to_dict(model), to_dict(captioner.checkpoint.preprocess)]))
+    if [cache.meta.get("encoder"), cache.meta.get("preprocess")] != wanted:
+        raise DatasetError(
+            f"{cache.folder}: the feature cache was made with another encoder or preprocessing "
+            "than this model's; extract it again for this model, or leave --features out"
+        )
+
+
+def best_caption(captions: Sequence[Any]) -> str:
+    """The text of the best caption of an n-best list, or "" when there is none."""
+    return captions[0].text if captions else ""
+
+
+def retrieval_baselines(
+    pool: RetrievalPool,
+    references: Mapping[str, Sequence[str]],
+    embeddings: Mapping[str, np.ndarray],
+    *,
+    k: int = CONSENSUS_K,
+    use_java: bool | None = None,
+) -> dict[str, Any]:
+    """Nearest-neighbour and consensus re-ranking captions of the items, scored like the model."""
+    ids = [i for i in references if i in embeddings]
+    queries = np.stack([embeddings[i] for i in ids])
+    chosen = {
+        "nearest_neighbour": pool.nearest_neighbour(queries),
+        "consensus": pool.consensus(queries, k),
+    }
+    report: dict[str, Any] = {"pool_items": len(pool.captions), "consensus_k": k}
+    for name, captions in chosen.items():
+        scores = coco_metrics(references, dict(zip(ids, captions, strict=True)), use_java=use_java)
+        scores.pop("notes", None)  # the model's report already says which scorer ran
+        report[name] = scores
+    return report
 
 
 def evaluate(
@@ -196,6 +289,8 @@ def evaluate(
     items: Sequence[CaptionItem],
     options: DecodingOptions | None = None,
     *,
+    pool_items: Sequence[CaptionItem] | None = None,
+    features: FeatureCache | None = None,
     batch_size: int = 32,
     num_workers: int = 1,
     use_java: bool | None = None,
@@ -203,6 +298,8 @@ def evaluate(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The full report (COCO metrics + scene accuracy) and the predictions.
 
+    With ``pool_items`` (the training split), the report also gives the retrieval baselines
+    (:mod:`captioner.retrieval`) on the same items, scored the same way, under "baselines".
     Raises DatasetError when nothing can be scored (no item has reference captions, or none
     that has could be read): a metrics file over zero items would look like a result.
     """
@@ -212,9 +309,9 @@ def evaluate(
             f"nothing to score: none of the {len(items)} items has reference captions; "
             "evaluate a split that has them (--split test or val)"
         )
-    predictions, errors = predict(
-        captioner, items, options, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )
+    kwargs = dict(features=features, batch_size=batch_size, num_workers=num_workers)
+    predicted = predict(captioner, items, options, progress=progress, **kwargs)
+    predictions, errors = predicted.captions, predicted.errors
     if not any(item_id in references for item_id in predictions):
         raise DatasetError(
             f"nothing to score: none of the {len(references)} items with reference captions "
@@ -225,4 +322,18 @@ def evaluate(
     report.update(scene_accuracy(items, predictions))
     if errors:
         report["unreadable_items"] = len(errors)
+    if pool_items is not None:
+        pooled = [item for item in pool_items if item.captions]
+        embedded = predict(captioner, pooled, embed_only=True, progress=progress, **kwargs)
+        kept = [item for item in pooled if item.id in embedded.embeddings]
+        if not kept:
+            raise DatasetError("no training item with captions could be read for the baselines")
+        pool = RetrievalPool(
+            np.stack([embedded.embeddings[item.id] for item in kept]),
+            [list(item.captions) for item in kept],
+        )
+        scored = {i: r for i, r in references.items() if i in predictions}
+        report["baselines"] = retrieval_baselines(
+            pool, scored, predicted.embeddings, use_java=use_java
+        )
     return report, predictions

@@ -11,11 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodingOptions
 from captioner.decoding import generate
+from captioner.encoder import pooled_embedding
 from captioner.errors import ConfigError, InvalidMediaError, ModelLoadError
 from captioner.media import (
     DEFAULT_MAX_PIXELS,
@@ -189,25 +191,61 @@ class Captioner:
         ``options`` is one set for all, or one per sequence: sequences are encoded together and
         then decoded in groups of equal options, so mixed requests still share the CNN.
         """
+        return self.caption_and_embed(sequences, options)[0]
+
+    @torch.inference_mode()
+    def caption_and_embed(
+        self,
+        sequences: Sequence[torch.Tensor],
+        options: DecodingOptions | Sequence[DecodingOptions] | None = None,
+        *,
+        features: bool = False,
+    ) -> tuple[list[list[Caption]], np.ndarray]:
+        """Captions and pooled encoder embeddings (N, E) of a batch, from one encoder pass.
+
+        With ``features=True`` the sequences are encoder outputs (each (T_i, D)), as a feature
+        cache holds them, and the CNN does not run. The embeddings are what retrieval compares.
+        """
         if not sequences:
-            return []
+            return [], np.zeros((0, 0), dtype=np.float32)
         if any(len(sequence) == 0 for sequence in sequences):
             raise InvalidMediaError("a frame sequence needs at least one frame")
         per_item = _per_item_options(options or self.checkpoint.decoding, len(sequences))
         results: list[list[Caption]] = []
+        embeddings = []
         for start in range(0, len(sequences), self.max_batch_size):
             chunk = sequences[start : start + self.max_batch_size]
-            results.extend(self._caption_chunk(chunk, per_item[start : start + len(chunk)]))
-        return results
+            captions, embedded = self._caption_chunk(
+                chunk, per_item[start : start + len(chunk)], features
+            )
+            results.extend(captions)
+            embeddings.append(embedded)
+        return results, np.concatenate(embeddings)
+
+    @torch.inference_mode()
+    def embed(self, sequences: Sequence[torch.Tensor], *, features: bool = False) -> np.ndarray:
+        """Pooled encoder embeddings (N, E) of frame sequences, or of cached encoder outputs."""
+        rows = []
+        for start in range(0, len(sequences), self.max_batch_size):
+            chunk = list(sequences[start : start + self.max_batch_size])
+            lengths = torch.tensor([len(s) for s in chunk], device=self.device)
+            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(self.device)
+            with self._autocast():
+                encoded = padded if features else self.model.frame_features(padded, lengths)
+                embedded = pooled_embedding(encoded, lengths, self.model.config.encoder)
+            rows.append(embedded.float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
     def _caption_chunk(
-        self, sequences: Sequence[torch.Tensor], options: list[DecodingOptions]
-    ) -> list[list[Caption]]:
+        self, sequences: Sequence[torch.Tensor], options: list[DecodingOptions], features: bool
+    ) -> tuple[list[list[Caption]], np.ndarray]:
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
-        frames = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
-        frames = frames.to(self.device, non_blocking=True)  # (B, T, 3, S, S)
+        padded = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
+        padded = padded.to(self.device, non_blocking=True)  # (B, T, 3, S, S) or (B, T, D)
         with self._autocast():
-            visual = self.model.encode(lengths, frames=frames)  # one row per sequence
+            encoded = padded if features else self.model.frame_features(padded, lengths)
+            embedded = pooled_embedding(encoded, lengths, self.model.config.encoder)
+            visual = self.model.encode(lengths, features=encoded)  # one row per sequence
             results: list[list[Caption]] = [[] for _ in sequences]
             groups: dict[DecodingOptions, list[int]] = {}
             for index, opts in enumerate(options):
@@ -220,7 +258,7 @@ class Captioner:
                     results[index] = [
                         Caption(self.vocab.decode(h.tokens), round(h.log_prob, 4)) for h in hyps
                     ]
-        return results
+        return results, embedded.float().cpu().numpy()
 
     # -- convenience entry points --------------------------------------------------------
 

@@ -25,6 +25,7 @@ import numpy as np
 from captioner.vocab import tokenize
 
 NGRAMS = 4
+CONSENSUS_K = 10  # neighbours whose captions vote; Devlin et al. found tens work on COCO
 SIGMA = 6.0  # CIDEr-D's Gaussian length penalty, as in pycocoevalcap
 
 

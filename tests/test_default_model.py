@@ -40,9 +40,9 @@ def held_out(tmp_path_factory, captioner) -> dict:
         val_fraction=0.0, test_fraction=0.0,
     )  # fmt: skip
     items = read_manifest(manifest).items
-    predictions, errors = predict(captioner, items, captioner.options(), num_workers=0)
-    assert errors == {}
-    result = scene_accuracy(items, predictions)
+    predicted = predict(captioner, items, captioner.options(), num_workers=0)
+    assert predicted.errors == {}
+    result = scene_accuracy(items, predicted.captions)
     print(json.dumps(result))
     assert result["scored_items"]["one_object"] >= 60
     assert result["scored_items"]["two_objects"] >= 70

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from captioner.data.items import CaptionItem
@@ -70,3 +71,87 @@ def test_predictions_are_written_in_coco_result_format(tmp_path) -> None:
         {"image_id": 391895, "caption": "a man"},
         {"image_id": "vid-1", "caption": "a car"},
     ]
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 20),
+}
+
+
+@pytest.fixture
+def colour_manifest(tmp_path):
+    """Train images of four colours; test images are the same pictures, so the nearest
+    neighbour of each is its own twin in the train split."""
+    from PIL import Image
+
+    lines = []
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (64, 64), rgb).save(tmp_path / f"{name}.png")
+        for split in ("train", "test"):
+            lines.append({"id": f"{split}/{name}", "path": f"{name}.png",
+                          "captions": [f"a {name} square"], "split": split})  # fmt: skip
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def test_evaluate_reports_retrieval_baselines_on_the_same_items(
+    colour_manifest, tiny_checkpoint, capsys
+) -> None:
+    from captioner.cli import main
+
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(colour_manifest),
+                 "--baselines", "--no-java"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    baselines = report["baselines"]
+    assert baselines["pool_items"] == 4
+    for name in ("nearest_neighbour", "consensus"):
+        assert baselines[name]["num_predictions"] == report["num_predictions"] == 4
+    # Every test image has an identical twin in the pool: nearest neighbour is exact.
+    assert baselines["nearest_neighbour"]["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert baselines["nearest_neighbour"]["CIDEr-D"] > report["CIDEr-D"]  # a random tiny model
+
+
+def test_evaluation_from_a_feature_cache_skips_the_cnn_and_agrees(
+    colour_manifest, tiny_checkpoint, tmp_path
+) -> None:
+    from captioner.data.features import extract_features
+    from captioner.data.readers import read_manifest
+    from captioner.evaluation import predict
+    from captioner.inference import Captioner
+
+    captioner = Captioner.load(tiny_checkpoint, device="cpu")
+    items = read_manifest(colour_manifest).items
+    cache = extract_features(
+        items, captioner.model.encoder, captioner.checkpoint.preprocess, tmp_path / "cache",
+        num_workers=0, progress=False,
+    )  # fmt: skip
+    direct = predict(captioner, items, num_workers=0)
+    calls = []
+    captioner.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    cached = predict(captioner, items, features=cache, num_workers=0)
+    assert calls == []
+    assert cached.captions == direct.captions
+    for item_id, embedding in direct.embeddings.items():
+        np.testing.assert_allclose(cached.embeddings[item_id], embedding, atol=2e-3)
+
+
+def test_a_cache_of_another_encoder_is_refused(colour_manifest, tiny_checkpoint, tmp_path) -> None:
+    from captioner.data.features import extract_features
+    from captioner.data.readers import read_manifest
+    from captioner.errors import DatasetError
+    from captioner.evaluation import predict
+    from captioner.inference import Captioner
+
+    captioner = Captioner.load(tiny_checkpoint, device="cpu")
+    items = read_manifest(colour_manifest).items
+    preprocess = captioner.checkpoint.preprocess
+    other = type(preprocess)(**{**vars(preprocess), "num_frames": 2})
+    cache = extract_features(items, captioner.model.encoder, other, tmp_path / "c",
+                             num_workers=0, progress=False)  # fmt: skip
+    with pytest.raises(DatasetError, match="made with another encoder or preprocessing"):
+        predict(captioner, items, features=cache, num_workers=0)
