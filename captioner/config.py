@@ -78,6 +78,15 @@ class ModelConfig:
     decoder_hidden: int = 256  # hidden size of the caption LSTM
     attention_heads: int = 4  # heads of the decoder's attention over the cells (divides cell_dim)
     dropout: float = 0.2
+    # Retrieval augmentation; 0 turns it off. The decoder is told which words the captions of
+    # the k training items most like the input use (a caption memory stored in the checkpoint):
+    # they condition it beside the picture, and a learned gate adds them to the next word's
+    # logits, so it can say a name or a species seen once or twice in training, which a plain
+    # decoder cannot (measured on the emoji set: see MODEL_CARD.md).
+    retrieval_k: int = 0
+    retrieval_temperature: float = 0.05  # softmax temperature over the neighbours' similarity
+    retrieval_items: int = 0  # rows of the caption memory (set by training)
+    retrieval_words: int = 0  # distinct words kept per memory row (set by training)
 
 
 @dataclass(frozen=True)

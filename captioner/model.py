@@ -11,6 +11,7 @@ An image is a sequence of one frame. The loss lives in ``training.py``, not here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.config import ModelConfig
-from captioner.encoder import ImageEncoder, load_pretrained_weights
+from captioner.encoder import ImageEncoder, load_pretrained_weights, pooled_embedding
+from captioner.memory import CaptionMemory
 
 DecoderState = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (1, N, H)
+COPY_SCALE = 5.0  # the retrieval gate's softplus output is multiplied by this (see _predict)
 
 
 @dataclass
@@ -36,12 +39,17 @@ class VisualContext:
     summary: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
+    words: torch.Tensor | None = None  # (B, V) retrieved neighbours' words, when the model has them
 
     def __len__(self) -> int:
         return self.summary.shape[0]
 
+    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> VisualContext:
+        words = None if self.words is None else change(self.words)
+        return VisualContext(change(self.summary), change(self.keys), change(self.values), words)
+
     def __getitem__(self, rows: slice | torch.Tensor | list[int]) -> VisualContext:
-        return VisualContext(self.summary[rows], self.keys[rows], self.values[rows])
+        return self._map(lambda t: t[rows])
 
     @property
     def device(self) -> torch.device:
@@ -49,9 +57,7 @@ class VisualContext:
 
     def repeat_interleave(self, repeats: int, dim: int = 0) -> VisualContext:
         """Each row ``repeats`` times in a row (one per beam)."""
-        return VisualContext(
-            *(t.repeat_interleave(repeats, dim=dim) for t in (self.summary, self.keys, self.values))
-        )
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=dim))
 
 
 class FrameProjector(nn.Module):
@@ -178,6 +184,8 @@ class CaptionDecoder(nn.Module):
         self.combine = nn.Linear(config.decoder_hidden + config.cell_dim, config.decoder_hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.decoder_hidden, config.vocab_size)
+        # Retrieval: how strongly each step adds the neighbours' words to its logits.
+        self.copy_gate = nn.Linear(config.decoder_hidden, 1) if config.retrieval_k else None
 
     def init_state(self, visual: VisualContext) -> DecoderState:
         """Show-and-Tell conditioning: the picture sets the LSTM's initial state."""
@@ -196,7 +204,13 @@ class CaptionDecoder(nn.Module):
         context = F.scaled_dot_product_attention(query, keys, values)  # (N, heads, L, d)
         context = context.transpose(1, 2).reshape(n, steps, -1)  # (N, L, D)
         combined = torch.tanh(self.combine(torch.cat([hidden, context], dim=-1)))
-        return self.head(self.dropout(combined))
+        logits = self.head(self.dropout(combined))
+        if self.copy_gate is not None and visual.words is not None:
+            # A non-negative gate per step times the neighbours' word weights (at most 1 each):
+            # the scale lets one step lift a retrieved word by up to several nats.
+            gate = F.softplus(self.copy_gate(hidden)) * COPY_SCALE  # (N, L, 1)
+            logits = logits + gate * visual.words.unsqueeze(1).to(logits.dtype)
+        return logits
 
     def forward(self, tokens: torch.Tensor, visual: VisualContext) -> torch.Tensor:
         """Teacher forcing: tokens (B, L) -> logits (B, L, vocab), one step per input token."""
@@ -227,6 +241,9 @@ class CaptionModel(nn.Module):
         self.temporal = TemporalEncoder(config)
         self.memory = CellMemory(config)
         self.decoder = CaptionDecoder(config)
+        self.retrieval = CaptionMemory(config) if config.retrieval_k else None
+        # The neighbours' words join the summary that conditions every decoding step.
+        self.hint = nn.Linear(config.vocab_size, config.visual_dim) if config.retrieval_k else None
         self.frame_chunk = 16  # frames per CNN call; a runtime setting, not part of the config
 
     def frame_features(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -247,12 +264,21 @@ class CaptionModel(nn.Module):
         *,
         frames: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
     ) -> VisualContext:
-        """Frames (B, T, 3, H, W) or precomputed features (B, T, D) -> the decoder's context."""
+        """Frames (B, T, 3, H, W) or precomputed features (B, T, D) -> the decoder's context.
+
+        A retrieval-augmented model looks up each sequence's neighbours in its caption memory;
+        ``exclude`` (B,) names a memory row each must not find (training items find themselves).
+        """
         if (frames is None) == (features is None):
             raise ValueError("pass exactly one of frames or features")
         if features is None:
             features = self.frame_features(frames, lengths)  # type: ignore[arg-type]
+        words = None
+        if self.retrieval is not None:
+            embedding = pooled_embedding(features, lengths, self.config.encoder)
+            words = self.retrieval.bag_of_words(embedding, exclude)  # (B, V)
         # Project real frames only: a batch mixing images and clips is mostly padding.
         valid = frame_mask(lengths, features.shape[1])  # (B, T)
         cells, frame_embeddings = self.projector(features[valid])  # (n, M, C), (n, F)
@@ -261,7 +287,10 @@ class CaptionModel(nn.Module):
         batch_frames = frame_embeddings.new_zeros(*valid.shape, frame_embeddings.shape[-1])
         batch_frames[valid] = frame_embeddings
         keys, values = self.memory(batch_cells, lengths)
-        return VisualContext(self.temporal(batch_frames, lengths), keys, values)
+        summary = self.temporal(batch_frames, lengths)
+        if self.hint is not None and words is not None:
+            summary = summary + self.hint(words.to(summary.dtype))
+        return VisualContext(summary, keys, values, words)
 
     def forward(
         self,
@@ -270,9 +299,11 @@ class CaptionModel(nn.Module):
         *,
         frames: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Caption logits (B, L, vocab) for input tokens (B, L) that start with <bos>."""
-        return self.decoder(tokens, self.encode(lengths, frames=frames, features=features))
+        visual = self.encode(lengths, frames=frames, features=features, exclude=exclude)
+        return self.decoder(tokens, visual)
 
 
 def frame_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
