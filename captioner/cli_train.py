@@ -111,8 +111,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from captioner.config import preset
     from captioner.data.features import extract_features
+    from captioner.device import resolve_device
     from captioner.encoder import ImageEncoder, encoder_config_for, load_pretrained_weights
-    from captioner.inference import resolve_device
 
     model_config, preprocess = preset("default")
     base = model_config.encoder

@@ -47,9 +47,9 @@ from captioner.data.features import FeatureCache, MediaDataset, extract_features
 from captioner.data.items import CaptionItem
 from captioner.data.readers import DEFAULT_MAX_SKIPPED_SHARE, check_skipped, load_dataset
 from captioner.decoding import generate
+from captioner.device import resolve_device, resolve_precision
 from captioner.errors import ConfigError, DatasetError
 from captioner.evaluation import coco_metrics, scene_accuracy
-from captioner.inference import resolve_device, resolve_precision
 from captioner.model import CaptionModel, create_model
 from captioner.vocab import Vocab
 
