@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
-from PIL import Image
 
 from app.batching import Batched, Batcher, QueueFullError
 from app.errors import ApiError, from_exception
@@ -28,7 +24,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from captioner.config import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.inference import Caption, Captioner
+from captioner.inference import Caption, Captioner, best_caption
 from captioner.media import VideoInfo, VideoLimits, sample_indices
 
 log = logging.getLogger(__name__)
@@ -64,7 +60,7 @@ class Captioned:
 
     @property
     def caption(self) -> str:
-        return self.captions[0].text if self.captions else ""
+        return best_caption(self.captions)
 
 
 class CaptionService:
@@ -129,27 +125,9 @@ class CaptionService:
             max_batch_size=s.max_batch_size,
         )
         if s.compile:
-            encoder = captioner.model.encoder
-            captioner.model.encoder = torch.compile(encoder)
-            try:
-                self._warm_up(captioner)
-                return captioner
-            except Exception:
-                log.warning("torch.compile failed; serving the eager encoder", exc_info=True)
-                captioner.model.encoder = encoder
-        self._warm_up(captioner)
+            captioner.compile()
+        captioner.warm_up(batch_sizes=(1, s.max_batch_size))
         return captioner
-
-    def _warm_up(self, captioner: Captioner) -> None:
-        """Run the shapes serving will use, so the first requests pay no one-off costs."""
-        started = time.perf_counter()
-        picture = Image.new("RGB", (320, 240), (128, 96, 64))
-        image = captioner.prepare_image(picture)
-        clip = captioner.prepare_frames([picture] * captioner.num_frames)
-        options = captioner.options()
-        for batch in ([image], [image] * self.settings.max_batch_size, [clip], [clip, image]):
-            captioner.caption_tensors(batch, [options] * len(batch))
-        log.info("warm-up took %.2f s", time.perf_counter() - started)
 
     def begin_drain(self) -> None:
         """Stop taking new requests (they get 503); in-flight ones still finish."""
@@ -320,14 +298,8 @@ class CaptionService:
 
     def _prepare_image(self, data: bytes) -> Prepared:
         started = time.perf_counter()
-        tensor = self._model.prepare_image(data, max_pixels=self.settings.max_pixels)
-        with Image.open(io.BytesIO(data)) as header:  # size and format, without decoding again
-            info = {
-                "width": header.width,
-                "height": header.height,
-                "format": (header.format or "unknown").lower(),
-            }
-        return Prepared(tensor, info, self._timed("image", started))
+        tensor, info = self._model.prepare_image(data, max_pixels=self.settings.max_pixels)
+        return Prepared(tensor, asdict(info), self._timed("image", started))
 
     def _prepare_video(self, path: Path, num_frames: int) -> Prepared:
         started = time.perf_counter()

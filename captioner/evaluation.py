@@ -173,6 +173,7 @@ def predict(
     from tqdm import tqdm
 
     from captioner.data.features import MediaDataset
+    from captioner.inference import best_caption
 
     loader = DataLoader(
         MediaDataset(items, captioner.checkpoint.preprocess),
@@ -187,7 +188,7 @@ def predict(
         errors.update({items[index].id: error for index, pixels, error in batch if pixels is None})
         results = captioner.caption_tensors([pixels for _, pixels in good], options)
         for (index, _), captions in zip(good, results, strict=True):
-            predictions[items[index].id] = captions[0].text if captions else ""
+            predictions[items[index].id] = best_caption(captions)
     return predictions, errors
 
 
