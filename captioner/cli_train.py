@@ -147,7 +147,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from captioner.training import load_train_config, train
+    from captioner.config import load_train_config
+    from captioner.training import train
 
     config = load_train_config(
         args.config, [*args.overrides, *(["resume=true"] if args.resume else [])]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from captioner.config import DEFAULT_MAX_SKIPPED_SHARE
 from captioner.data.items import SPLITS, CaptionItem
 from captioner.errors import ConfigError, DatasetError
 from captioner.media_types import VIDEO_SUFFIXES
@@ -49,9 +50,6 @@ OnError = Literal["fail", "skip"]
 
 VIDEO_EXTENSIONS = VIDEO_SUFFIXES
 """File extensions a manifest treats as video files when an entry gives no ``kind``."""
-
-DEFAULT_MAX_SKIPPED_SHARE = 0.01
-"""Training and evaluation stop when a reader skips more than this share of its entries."""
 
 KINDS = ("image", "video")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -79,6 +77,9 @@ class ReadResult:
     source: Path  # the dataset file that was read
     # Entries read, in every split, kept or skipped: the denominator of the skipped share.
     entries: int = field(default=0, compare=False)
+    # False when the file carries no splits and every item got the one it was read as (COCO):
+    # its "train" and "val" items are then the same media.
+    has_splits: bool = field(default=True, compare=False)
 
 
 def check_skipped(result: ReadResult, max_share: float, *, allow_hint: str) -> ReadResult:
@@ -292,7 +293,7 @@ class _Reader:
         self.skipped.append(message)
         self.entries += 1
 
-    def result(self) -> ReadResult:
+    def result(self, *, has_splits: bool = True) -> ReadResult:
         """Finish reading: warn once about what was skipped."""
         if self.skipped:
             logger.warning(
@@ -302,7 +303,7 @@ class _Reader:
                 len(self.items),
                 self.skipped[0],
             )
-        return ReadResult(self.items, self.skipped, self.source, self.entries)
+        return ReadResult(self.items, self.skipped, self.source, self.entries, has_splits)
 
 
 def _read_manifest(
@@ -506,7 +507,7 @@ def _read_coco(
             reader.add(item)
         except _Malformed as error:
             reader.reject(where, str(error))
-    return reader.result()
+    return reader.result(has_splits=False)
 
 
 def _group_captions(
