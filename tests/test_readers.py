@@ -645,6 +645,11 @@ def test_msrvtt_happy_path(tmp_path: Path) -> None:
         ),
         (lambda d: d["videos"][2].pop("video_id"), "videos[2]", "missing field 'video_id'"),
         (
+            lambda d: d["videos"][2].update(video_id="video0"),
+            "videos[2] (video_id video0)",
+            "duplicate video id 'video0'; every video needs a unique id",
+        ),
+        (
             lambda d: d["videos"][2].update(video_id="video9"),
             "videos[2] (video_id video9)",
             "file not found: ",
