@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from app.engine_errors import NotReady, QueueFull
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ log = logging.getLogger(__name__)
 In = TypeVar("In")
 Opt = TypeVar("Opt")
 Out = TypeVar("Out")
-
-
-class QueueFullError(Exception):
-    """The queue cannot take the inputs now; the client should retry later (429)."""
-
-
-class ClosedError(Exception):
-    """The batcher is shutting down and takes no new inputs (503)."""
 
 
 @dataclass(frozen=True)
@@ -100,11 +93,9 @@ class Batcher(Generic[In, Opt, Out]):
     async def submit_many(self, inputs: Sequence[tuple[In, Opt]]) -> list[Batched[Out]]:
         """Queue several inputs, all or none, and wait for all their results (in order)."""
         if self._closing:
-            raise ClosedError("the server is shutting down")
+            raise NotReady("the server is shutting down")
         if not self.has_room(len(inputs)):
-            raise QueueFullError(
-                f"the queue is full ({self.depth} of {self.max_queue} inputs waiting)"
-            )
+            raise QueueFull(f"the queue is full ({self.depth} of {self.max_queue} inputs waiting)")
         loop = asyncio.get_running_loop()
         items = [_Item[In, Opt, Out](p, o, loop.create_future()) for p, o in inputs]
         for item in items:
@@ -169,8 +160,8 @@ class Batcher(Generic[In, Opt, Out]):
             if len(values) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(values)} results for {len(batch)}")
         except (Exception, asyncio.CancelledError) as exc:
-            # Cancelled only when shutdown gave up waiting: the callers get a clean 503.
-            failure = ClosedError("the server shut down") if _cancelled(exc) else exc
+            # Cancelled only when shutdown gave up waiting: the callers are told it is closing.
+            failure = NotReady("the server shut down") if _cancelled(exc) else exc
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(failure)
@@ -202,7 +193,7 @@ class Batcher(Generic[In, Opt, Out]):
                     await self._worker
         for item in self._pending:
             if not item.future.done():
-                item.future.set_exception(ClosedError("the server shut down"))
+                item.future.set_exception(NotReady("the server shut down"))
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 

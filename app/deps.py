@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,9 +32,33 @@ StartedDep = Annotated[float, Depends(get_started)]
 
 
 def get_ready_service(service: ServiceDep) -> CaptionService:
-    """The service, once the model is loaded and warm; a 503 ``not_ready`` before that."""
+    """The service, once the model is loaded and warm; ``NotReady`` (503) before that."""
     service.require_ready()
     return service
 
 
 ReadyServiceDep = Annotated[CaptionService, Depends(get_ready_service)]
+
+
+@dataclass(frozen=True)
+class CaptionContext:
+    """What every caption route needs besides its options."""
+
+    request: Request
+    service: CaptionService  # ready: loaded and warm
+    settings: Settings
+    request_id: str
+    started: float  # time.perf_counter() when the request arrived
+
+
+def get_caption_context(
+    request: Request,
+    service: ReadyServiceDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+    started: StartedDep,
+) -> CaptionContext:
+    return CaptionContext(request, service, settings, request_id, started)
+
+
+CaptionContextDep = Annotated[CaptionContext, Depends(get_caption_context)]

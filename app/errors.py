@@ -1,9 +1,10 @@
 """The service's error types and the one JSON error shape, mapped to HTTP in this one place.
 
 Every error a client sees is ``{"error": {"type", "message", "param"}}`` with a stable ``type``
-from ``ERROR_TYPES``. Library errors (``captioner.errors``), Starlette's HTTP errors and
-FastAPI's validation errors are all translated here; anything else is logged with the request
-id by the middleware and answered with a generic ``internal_error``.
+from ``ERROR_TYPES``. Library errors (``captioner.errors``), the serving engine's errors
+(``app.engine_errors``), Starlette's HTTP errors and FastAPI's validation errors are all
+translated here, status codes and headers (``Retry-After``) included; anything else is logged
+with the request id and answered with a generic ``internal_error``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from app import logs
-from app.batching import ClosedError, QueueFullError
+from app.engine_errors import (
+    EngineError,
+    InputFailed,
+    NotReady,
+    QueueFull,
+    TooManyFrames,
+)
 from captioner.errors import (
     CaptionerError,
     InvalidMediaError,
@@ -37,7 +44,8 @@ class ErrorType:
     description: str
 
 
-# The documented, stable error types (README and /docs are generated from this table).
+# The documented, stable error types. /docs is generated from this table; the README's table is
+# written by hand, and a test checks that it lists the same types with the same statuses.
 ERROR_TYPES: dict[str, ErrorType] = {
     "invalid_request": ErrorType(400, "The body is malformed: bad JSON, bad multipart."),
     "invalid_image": ErrorType(400, "An image could not be decoded, or is not a supported format."),
@@ -120,11 +128,15 @@ def from_exception(
     """
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, InputFailed):
+        return from_exception(exc.error, media=exc.media, param=exc.param)
     retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFull):
         return ApiError("overloaded", f"{exc}; retry later", headers=retry)
-    if isinstance(exc, ClosedError):
+    if isinstance(exc, NotReady):
         return ApiError("not_ready", str(exc), headers=retry)
+    if isinstance(exc, TooManyFrames):
+        return ApiError("too_many_frames", str(exc), param="num_frames")
     if isinstance(exc, InvalidOptionError):
         return ApiError("invalid_parameter", str(exc), param=exc.param or param)
     if isinstance(exc, MediaTooLargeError):
@@ -133,7 +145,7 @@ def from_exception(
         return ApiError(f"invalid_{media}", str(exc), param=param)
     if isinstance(exc, CaptionerError):
         return ApiError("invalid_request", str(exc), param=param)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):  # RequestTimeout among them
         return ApiError("timeout", "the request did not finish within the server's time limit")
     log.error(
         "unexpected error: %r", exc, exc_info=exc, extra={"request_id": logs.request_id.get()}
@@ -193,15 +205,16 @@ def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers that turn every known exception into the one error shape."""
+def install(app: FastAPI, *, retry_after_s: int = 1) -> None:
+    """Register the handlers that turn every known exception into the one error shape;
+    ``retry_after_s`` is the ``Retry-After`` of the errors that ask the client to come back."""
 
     def respond(request: Request, error: ApiError) -> JSONResponse:
         request.state.error_type = error.type  # for the failure metric and the access log
         return error.response()
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
-        return respond(request, from_exception(exc))
+        return respond(request, from_exception(exc, retry_after_s=retry_after_s))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -213,5 +226,6 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(CaptionerError, api_error)
+    app.add_exception_handler(EngineError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -41,10 +41,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "info") -> dict[str, Any]:
+def configure(level: str = "info") -> None:
     """Send every log (ours, uvicorn's, the library's) to stderr as JSON lines.
 
-    Returns the dictConfig, which is also what uvicorn is given as ``log_config``.
+    uvicorn is started with ``log_config=None`` (``app/serve.py``), so it keeps this
+    configuration instead of installing its own.
     """
     config: dict[str, Any] = {
         "version": 1,
@@ -67,4 +68,3 @@ def configure(level: str = "info") -> dict[str, Any]:
         },
     }
     logging.config.dictConfig(config)
-    return config

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     # Routes read settings through the cached dependency; make it agree with this app's.
     app.dependency_overrides[get_settings] = lambda: settings
-    errors.install(app)
+    errors.install(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)
     for router in (captions.router, models.router, health.router, metrics_route.router):
         app.include_router(router)

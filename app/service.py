@@ -1,34 +1,33 @@
 """The serving engine: loads and warms the model, decodes media in a worker pool, batches.
 
-It owns the one ``Captioner`` of this process. Routes hand it bytes and options and get
-captions back; it never sees HTTP, and nothing heavy runs on the event loop.
+It owns the one ``Captioner`` of this process and orchestrates the preprocessing pool, the
+batcher and the deadlines; the ``Captioner`` does everything that needs torch. Routes hand it
+bytes and options and get captions back. It never sees HTTP: when it cannot serve, it raises
+the engine's errors (``app.engine_errors``), which ``app/errors.py`` turns into answers.
+Nothing heavy runs on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-import torch
-from PIL import Image
-
-from app.batching import Batched, Batcher, QueueFullError
-from app.errors import ApiError, from_exception
+from app.batching import Batched, Batcher
+from app.engine_errors import InputFailed, NotReady, QueueFull, RequestTimeout, TooManyFrames
 from app.metrics import Metrics
 from app.settings import Settings
 from captioner.config import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.inference import Caption, Captioner
+from captioner.inference import Caption, Captioner, best_caption
 from captioner.media import VideoInfo, VideoLimits, sample_indices
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class Captioned:
 
     @property
     def caption(self) -> str:
-        return self.captions[0].text if self.captions else ""
+        return best_caption(self.captions)
 
 
 class CaptionService:
@@ -78,7 +77,7 @@ class CaptionService:
         self.captioner: Captioner | None = None
         self.batcher: Batcher[Any, DecodingOptions, list[Caption]] | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by serve.run: stop the server
-        self.workers = settings.preprocess_workers or len(os.sched_getaffinity(0))
+        self.workers = settings.preprocess_workers or available_cpus()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="preprocess")
         self._preprocessing = 0  # jobs submitted to the pool and not finished
 
@@ -129,27 +128,9 @@ class CaptionService:
             max_batch_size=s.max_batch_size,
         )
         if s.compile:
-            encoder = captioner.model.encoder
-            captioner.model.encoder = torch.compile(encoder)
-            try:
-                self._warm_up(captioner)
-                return captioner
-            except Exception:
-                log.warning("torch.compile failed; serving the eager encoder", exc_info=True)
-                captioner.model.encoder = encoder
-        self._warm_up(captioner)
+            captioner.compile()
+        captioner.warm_up(batch_sizes=(1, s.max_batch_size))
         return captioner
-
-    def _warm_up(self, captioner: Captioner) -> None:
-        """Run the shapes serving will use, so the first requests pay no one-off costs."""
-        started = time.perf_counter()
-        picture = Image.new("RGB", (320, 240), (128, 96, 64))
-        image = captioner.prepare_image(picture)
-        clip = captioner.prepare_frames([picture] * captioner.num_frames)
-        options = captioner.options()
-        for batch in ([image], [image] * self.settings.max_batch_size, [clip], [clip, image]):
-            captioner.caption_tensors(batch, [options] * len(batch))
-        log.info("warm-up took %.2f s", time.perf_counter() - started)
 
     def begin_drain(self) -> None:
         """Stop taking new requests (they get 503); in-flight ones still finish."""
@@ -167,7 +148,7 @@ class CaptionService:
     # -- requests ------------------------------------------------------------------------------
 
     def require_ready(self) -> Captioner:
-        """The captioner, or a 503 ``not_ready`` while loading, after a failure, or draining."""
+        """The captioner; ``NotReady`` while loading, after a failure, or draining."""
         if self.state is State.READY and self.captioner is not None:
             return self.captioner
         message = {
@@ -175,24 +156,19 @@ class CaptionService:
             State.FAILED: "the model failed to load; see the server log",
             State.DRAINING: "the server is shutting down",
         }[self.state]
-        raise ApiError(
-            "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)}
-        )
+        raise NotReady(message)
 
     def options(self, overrides: dict[str, Any]) -> DecodingOptions:
-        """The model's decoding defaults with ``overrides``, validated (422 when out of range)."""
-        try:
-            return self._model.options(**overrides)
-        except CaptionerError as exc:
-            raise self._error(exc) from exc
+        """The model's decoding defaults with ``overrides``, validated (``InvalidOptionError``
+        names the option out of range)."""
+        return self._model.options(**overrides)
 
     def num_frames(self, requested: int | None) -> int:
+        """The frames to sample: ``requested`` or the model's default, within the limit."""
         count = requested or self._model.num_frames
         if count > self.settings.max_frames:
-            raise ApiError(
-                "too_many_frames",
-                f"num_frames is {count}, over the limit of {self.settings.max_frames}",
-                param="num_frames",
+            raise TooManyFrames(
+                f"num_frames is {count}, over the limit of {self.settings.max_frames}"
             )
         return count
 
@@ -203,29 +179,30 @@ class CaptionService:
             return (await self._infer([prepared], options))[0]
 
     async def caption_images(
-        self, images: Sequence[bytes | ApiError], options: DecodingOptions
-    ) -> list[Captioned | ApiError]:
-        """Each image captioned, or the error that image alone caused, in input order."""
-        async with self._deadline():
-            self._admit(sum(not isinstance(image, ApiError) for image in images))
+        self, images: Sequence[bytes | Exception], options: DecodingOptions
+    ) -> list[Captioned | Exception]:
+        """Each image captioned, or the error that image alone caused, in input order.
 
-            async def prepare(index: int, image: bytes | ApiError) -> Prepared | ApiError:
-                if isinstance(image, ApiError):
+        An image that failed before it got here (an exception in place of its bytes) keeps its
+        error; one that cannot be read gets an ``InputFailed``.
+        """
+        async with self._deadline():
+            self._admit(sum(isinstance(image, bytes) for image in images))
+
+            async def prepare(index: int, image: bytes | Exception) -> Prepared | Exception:
+                if not isinstance(image, bytes):
                     return image
                 try:
                     return await self._prepare(
                         self._prepare_image, image, kind="image", param=f"images[{index}]"
                     )
-                except ApiError as exc:
+                except InputFailed as exc:
                     return exc
 
             prepared = await asyncio.gather(*(prepare(i, image) for i, image in enumerate(images)))
-            for failed in prepared:
-                if isinstance(failed, ApiError):
-                    self.metrics.failures.labels(reason=failed.type).inc()
             good = [p for p in prepared if isinstance(p, Prepared)]
             done = iter(await self._infer(good, options))
-            return [p if isinstance(p, ApiError) else next(done) for p in prepared]
+            return [next(done) if isinstance(p, Prepared) else p for p in prepared]
 
     async def caption_video(
         self, path: Path, num_frames: int, options: DecodingOptions
@@ -257,22 +234,20 @@ class CaptionService:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 yield
         except TimeoutError as exc:
-            raise self._error(exc) from exc
-
-    def _error(self, exc: BaseException, **context: Any) -> ApiError:
-        return from_exception(exc, retry_after_s=self.settings.retry_after_s, **context)
+            limit = self.settings.request_timeout_s
+            raise RequestTimeout(f"the request took longer than {limit:g} s") from exc
 
     def _admit(self, count: int) -> None:
-        """Refuse work (429) that would overfill the preprocessing or the model queue."""
+        """Refuse work (``QueueFull``) that would overfill the preprocessing or the model queue."""
         assert self.batcher is not None
         waiting = max(0, self._preprocessing - self.workers)
         if waiting + count > self.settings.max_queue or not self.batcher.has_room(count):
-            raise self._error(QueueFullError("the server is at capacity"))
+            raise QueueFull("the server is at capacity")
 
     async def _prepare(
         self, job: Callable[..., T], *args: Any, kind: str, param: str | None = None
     ) -> T:
-        """Run a media job in the worker pool; library errors become client errors."""
+        """Run a media job in the worker pool; any error it raises becomes ``InputFailed``."""
         loop = asyncio.get_running_loop()
         self._preprocessing += 1
         self._update_depth()
@@ -286,11 +261,9 @@ class CaptionService:
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(finished, f))
         try:
             return await asyncio.wrap_future(future)
-        except ApiError:
-            raise
         except Exception as exc:
-            media = "image" if kind == "image" else "video"
-            raise self._error(exc, media=media, param=param or media) from exc
+            media: Literal["image", "video"] = "image" if kind == "image" else "video"
+            raise InputFailed(exc, media=media, param=param or media) from exc
 
     def _update_depth(self) -> None:
         waiting = max(0, self._preprocessing - self.workers)
@@ -300,10 +273,7 @@ class CaptionService:
         self, prepared: Sequence[Prepared], options: DecodingOptions
     ) -> list[Captioned]:
         assert self.batcher is not None
-        try:
-            results = await self.batcher.submit_many([(p.tensor, options) for p in prepared])
-        except Exception as exc:
-            raise self._error(exc) from exc
+        results = await self.batcher.submit_many([(p.tensor, options) for p in prepared])
         return [_captioned(p, r) for p, r in zip(prepared, results, strict=True)]
 
     # -- preprocessing jobs (worker threads) ---------------------------------------------------
@@ -320,14 +290,8 @@ class CaptionService:
 
     def _prepare_image(self, data: bytes) -> Prepared:
         started = time.perf_counter()
-        tensor = self._model.prepare_image(data, max_pixels=self.settings.max_pixels)
-        with Image.open(io.BytesIO(data)) as header:  # size and format, without decoding again
-            info = {
-                "width": header.width,
-                "height": header.height,
-                "format": (header.format or "unknown").lower(),
-            }
-        return Prepared(tensor, info, self._timed("image", started))
+        tensor, info = self._model.prepare_image(data, max_pixels=self.settings.max_pixels)
+        return Prepared(tensor, asdict(info), self._timed("image", started))
 
     def _prepare_video(self, path: Path, num_frames: int) -> Prepared:
         started = time.perf_counter()
@@ -348,6 +312,13 @@ class CaptionService:
             "height": None,
         }
         return Prepared(tensor, info, self._timed("frames", started))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the OS has one (Linux), else all."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _video_input(info: VideoInfo) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def main() -> None:
         Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
         for _ in range(args.images)
     ]
-    tensors = [captioner.prepare_image(image) for image in images]
+    tensors = [captioner.prepare_image(image)[0] for image in images]
     options = captioner.options(beam_size=args.beam_size)
     lengths = torch.ones(args.images, dtype=torch.long, device=captioner.device)
     with torch.inference_mode():

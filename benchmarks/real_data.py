@@ -76,7 +76,8 @@ def main() -> None:
     ).strip()  # fmt: skip
     evaluate = ["evaluate", "--model", best, "--data", manifest, "--split", "test", "--baselines",
                 "--features", features, "--out", str(run / "eval")]  # fmt: skip
-    report = json.loads(step("evaluate", evaluate + (["--no-java"] if args.no_java else []), timings))
+    evaluate += ["--no-java"] if args.no_java else []
+    report = json.loads(step("evaluate", evaluate, timings))
     timings["total"] = round(time.perf_counter() - started, 1)
 
     def scores(block: dict) -> dict:

@@ -1,9 +1,13 @@
-"""The only place that saves and loads models.
+"""The only place that saves and loads models, and the training state that resumes a run.
 
 A checkpoint is a folder with ``model.safetensors`` (weights, no pickles) and ``config.json``
 (format version, model config, preprocessing, vocab, decoding defaults, training metadata, and
 the weights' SHA-256). Loading validates all of it and fails with one ``ModelLoadError`` that
 names the file, the problem and the fix.
+
+Training's ``last`` checkpoint also holds what a resume needs besides the weights:
+``train_state.json`` (a :class:`TrainState` and the optimizer's and LR schedule's settings) and
+``optimizer.safetensors`` (the optimizer's tensors).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +32,7 @@ from captioner.config import (
     from_dict,
     to_dict,
 )
-from captioner.errors import CaptionerError, ModelLoadError
+from captioner.errors import CaptionerError, ConfigError, ModelLoadError
 from captioner.model import CaptionModel
 from captioner.vocab import Vocab
 from captioner.weights import mismatch
@@ -36,6 +41,9 @@ FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 2  # 2: grid-cell encoder config and attention decoder
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FORMAT = "captioner-train-state"
 
 
 @dataclass
@@ -183,3 +191,110 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Copy the files a checkpoint consists of (not the training state beside them)."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+# -- training state ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a training run is: what a resume needs besides the weights and the optimizer."""
+
+    # "frozen": the decoder trained on cached CNN features; "finetune": the CNN too, on pixels.
+    phase: str = "frozen"
+    phase_start: int = 0  # the epoch the phase began at: its LR schedule spans the whole phase
+    epoch: int = 0  # epochs done, both phases together
+    step: int = 0  # optimizer steps done
+    best: float = -1.0  # the best validation CIDEr-D so far
+    stale: int = 0  # epochs since the best one
+    stopped: bool = False  # early stopping ended the phase
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+
+    def begin(self, phase: str) -> None:
+        """Start ``phase`` after the epochs done so far."""
+        self.phase, self.phase_start, self.stale, self.stopped = phase, self.epoch, 0, False
+
+
+def save_train_state(
+    directory: str | Path,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Write ``state`` and the optimizer's and LR schedule's state beside a checkpoint."""
+    directory = Path(directory)
+    tensors, layout = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(directory / (OPTIMIZER_FILE + ".tmp")))
+    saved = {
+        "format": STATE_FORMAT,
+        "state": to_dict(state),
+        "optimizer": layout,
+        "scheduler": scheduler.state_dict(),
+    }
+    (directory / (STATE_FILE + ".tmp")).write_text(json.dumps(saved, default=str))
+    # Renames last, the state file after the tensors: a kill mid-save leaves the previous state.
+    os.replace(directory / (OPTIMIZER_FILE + ".tmp"), directory / OPTIMIZER_FILE)
+    os.replace(directory / (STATE_FILE + ".tmp"), directory / STATE_FILE)
+
+
+def load_train_state(directory: str | Path) -> TrainState:
+    """The state ``save_train_state`` wrote; a ConfigError when a run cannot resume from it."""
+    return from_dict(TrainState, _read_state(Path(directory))["state"], where=STATE_FILE)
+
+
+def load_optimizer_state(
+    directory: str | Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Restore the optimizer and LR schedule ``save_train_state`` wrote."""
+    directory = Path(directory)
+    saved = _read_state(directory)
+    tensors = load_file(str(directory / OPTIMIZER_FILE))
+    layout = saved["optimizer"]
+    restored: dict[str, Any] = {"param_groups": layout["param_groups"], "state": {}}
+    for index, values in layout["state"].items():
+        restored["state"][int(index)] = {
+            name: tensors[f"{index}.{name}"] if value == "tensor" else value
+            for name, value in values.items()
+        }
+    optimizer.load_state_dict(restored)
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+def _read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{directory}: cannot resume ({exc}); start without --resume") from exc
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"{path}: not a training state this release can resume (it was written by an "
+            "older captioner); start without --resume"
+        )
+    return saved
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's tensors by name (for safetensors), and everything else (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}
+    for index, values in state_dict["state"].items():
+        layout["state"][str(index)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                layout["state"][str(index)][name] = "tensor"
+            else:
+                layout["state"][str(index)][name] = value
+    return tensors, layout

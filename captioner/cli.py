@@ -13,9 +13,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner.errors import CaptionerError
 from captioner.media_types import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
+
+if TYPE_CHECKING:
+    from captioner.inference import Caption
 
 EXIT_INPUT_FAILED = 1  # at least one input could not be captioned
 EXIT_USAGE = 2  # bad arguments, or the model could not be loaded
@@ -117,7 +121,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
                 result = captioner.caption_video(path, args.num_frames, options)
                 _emit(args.format, path, result.captions, time.perf_counter() - started)
             else:
-                pending.append((path, captioner.prepare_image(path), time.perf_counter() - started))
+                tensor, _ = captioner.prepare_image(path)
+                pending.append((path, tensor, time.perf_counter() - started))
                 if len(pending) >= args.batch_size:
                     flush()
         except CaptionerError as exc:
@@ -135,18 +140,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(model=args.model, host=args.host, port=args.port)
 
 
-def _emit(fmt: str, path: Path, captions: list, seconds: float) -> None:
+def _emit(fmt: str, path: Path, captions: list[Caption], seconds: float) -> None:
+    from captioner.inference import best_caption  # loaded already: it made the captions
+
     if fmt == "jsonl":
         record = {
             "path": str(path),
-            "caption": captions[0].text if captions else "",
+            "caption": best_caption(captions),
             "captions": [{"text": c.text, "log_prob": c.log_prob} for c in captions],
             "seconds": round(seconds, 4),
         }
         print(json.dumps(record), flush=True)
     else:
-        best = captions[0].text if captions else ""
-        print(f"{path}\t{best}\t{seconds:.3f}s", flush=True)
+        print(f"{path}\t{best_caption(captions)}\t{seconds:.3f}s", flush=True)
 
 
 if __name__ == "__main__":

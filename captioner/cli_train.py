@@ -145,8 +145,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from captioner.config import preset
     from captioner.data.features import extract_features
+    from captioner.device import resolve_device
     from captioner.encoder import ImageEncoder, encoder_config_for, load_pretrained_weights
-    from captioner.inference import resolve_device
 
     model_config, preprocess = preset("default")
     base = model_config.encoder
@@ -181,7 +181,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from captioner.training import load_train_config, train
+    from captioner.config import load_train_config
+    from captioner.training import train
 
     config = load_train_config(
         args.config, [*args.overrides, *(["resume=true"] if args.resume else [])]

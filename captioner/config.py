@@ -1,20 +1,28 @@
 """Typed configs: dataclasses that round-trip through JSON and travel inside checkpoints.
 
-``from_dict`` is strict: an unknown key is an error naming the key, so that a typo in a training
-config or a checkpoint written by a newer release never passes silently.
+The model's configs (preprocessing, encoder, model, decoding) and the training recipe's
+(``TrainConfig``, read from TOML or YAML files by ``load_train_config``). ``from_dict`` is
+strict: an unknown key is an error naming the key, so that a typo in a training config or a
+checkpoint written by a newer release never passes silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from captioner.errors import ConfigError, InvalidOptionError
 
 T = TypeVar("T")
+
+DEFAULT_MAX_SKIPPED_SHARE = 0.01
+"""Training and evaluation stop when a reader skips more than this share of its entries."""
 
 
 @dataclass
@@ -135,6 +143,86 @@ class DecodingOptions:
         return self
 
 
+@dataclass
+class GenerateConfig:
+    """A scenes corpus to generate into the train manifest's folder when it does not exist."""
+
+    images: int = 0
+    videos: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the captions and media come from (any format ``load_dataset`` reads)."""
+
+    train: str = ""  # manifest.jsonl, Karpathy JSON, COCO captions JSON or MSR-VTT videodatainfo
+    root: str | None = None  # image/video root for the JSON formats (default: the file's folder)
+    # A separate validation file; default: the "val" split of ``train``. A COCO captions file
+    # has no splits, so with one for ``train`` this must name its val file.
+    val: str | None = None
+    generate: GenerateConfig | None = None
+    on_error: str = "skip"  # "skip" bad items (counted and logged) or "fail" on the first one
+    # Training stops when more than this share of a dataset file's entries are skipped: a
+    # wrong root folder must not turn into a run on a fraction of the data.
+    max_skipped_share: float = DEFAULT_MAX_SKIPPED_SHARE
+    min_count: int = 2  # words seen fewer times become <unk>
+    max_caption_length: int = 24  # training captions are cut to this many tokens
+    max_val_items: int = 1000  # validation decodes at most this many items per epoch
+    # Each video's captions are used this many times per epoch. Motion words are a small part
+    # of a caption, so with few videos beside many images they learn slowly (measured).
+    video_repeats: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The whole training recipe; saved into the checkpoint's metadata."""
+
+    out_dir: str = "runs/captioner"
+    name: str = "captioner"  # model name reported by the service
+    version: str = "1"
+    preset: str = "default"  # starting model/preprocessing config (see config.preset)
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
+    preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of PreprocessConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    features: str | None = None  # feature cache folder (default: <out_dir>/features)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    patience: int = 4  # stop after this many epochs without a better validation CIDEr-D
+    finetune_epochs: int = 0  # then train the CNN too, on pixels, for this many epochs
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
+    num_workers: int = 1  # media decoding workers (feature extraction, fine-tuning)
+    # CPU threads for the training loop; 0 keeps torch's default. The head's ops are small, and
+    # on a busy 2-core machine two spinning OpenMP threads ran 10x slower than one (measured).
+    cpu_threads: int = 0
+    resume: bool = False  # continue from <out_dir>/last if it exists
+    export: str | None = None  # also copy the best checkpoint here when training ends
+
+    def model_configs(self, vocab_size: int) -> tuple[ModelConfig, PreprocessConfig]:
+        """The preset's model and preprocessing configs with this recipe's overrides."""
+        model, preprocess = preset(self.preset)
+        model = from_dict(ModelConfig, {**to_dict(model), **self.model}, where="model")
+        preprocess = from_dict(
+            PreprocessConfig, {**to_dict(preprocess), **self.preprocess}, where="preprocess"
+        )
+        if not model.encoder.frozen:
+            raise ConfigError(
+                "model.encoder.frozen is false, but training starts with a frozen CNN; "
+                "leave it true, and set finetune_epochs to train the CNN too afterwards"
+            )
+        model.vocab_size = vocab_size
+        return model, preprocess
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return dataclasses.asdict(config)
@@ -207,3 +295,55 @@ def preset(name: str) -> tuple[ModelConfig, PreprocessConfig]:
         )
         return model, PreprocessConfig(image_size=64, resize_size=64, interpolation="bilinear")
     raise ConfigError(f"unknown model preset {name!r}; choose 'default' or 'test-tiny'")
+
+
+# -- config files --------------------------------------------------------------------------
+
+
+# Keys whose override values stay strings even when they look like JSON (version=2).
+_STRING_KEYS = frozenset(
+    {"name", "version", "out_dir", "export", "features", "train", "val", "root"}
+)
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a TOML or YAML config and apply ``key.sub=value`` overrides (values parsed as JSON)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
+        except (OSError, ValueError) as exc:  # tomllib's errors are ValueErrors
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        except Exception as exc:  # yaml.YAMLError, without importing yaml for TOML users
+            if type(exc).__module__.startswith("yaml"):
+                raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+            raise
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} must look like key=value")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string
+        target = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        target[leaf] = raw if leaf in _STRING_KEYS else value
+    return from_dict(TrainConfig, data, where="train config")

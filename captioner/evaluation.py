@@ -192,6 +192,7 @@ def predict(
     from tqdm import tqdm
 
     from captioner.data.features import MediaDataset
+    from captioner.inference import best_caption
 
     result = Predictions()
     cached: list[CaptionItem] = []
@@ -254,11 +255,6 @@ def check_cache_matches(cache: FeatureCache, captioner: Captioner) -> None:
             f"{cache.folder}: the feature cache was made with another encoder or preprocessing "
             "than this model's; extract it again for this model, or leave --features out"
         )
-
-
-def best_caption(captions: Sequence[Any]) -> str:
-    """The text of the best caption of an n-best list, or "" when there is none."""
-    return captions[0].text if captions else ""
 
 
 def retrieval_baselines(

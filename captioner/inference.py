@@ -1,11 +1,14 @@
 """Captioner: load a model once, then caption images, frame sequences and videos.
 
-This is the one inference interface the HTTP service uses; it knows nothing about HTTP.
+This is the one inference interface the HTTP service uses; it knows nothing about HTTP, and
+it owns everything that needs torch: the device and precision, compilation, warm-up, tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,22 +16,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodingOptions
 from captioner.decoding import generate
+from captioner.device import resolve_device, resolve_precision
 from captioner.encoder import pooled_embedding
-from captioner.errors import ConfigError, InvalidMediaError, ModelLoadError
+from captioner.errors import InvalidMediaError, ModelLoadError
 from captioner.media import (
     DEFAULT_MAX_PIXELS,
+    ImageInfo,
     ImageSource,
     Preprocessor,
     VideoInfo,
     VideoLimits,
     VideoSource,
     load_image,
+    open_image,
     read_video,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
@@ -41,6 +50,11 @@ class Caption:
     log_prob: float
 
 
+def best_caption(captions: Sequence[Caption]) -> str:
+    """The best of an n-best list (best first), or "" when there is none."""
+    return captions[0].text if captions else ""
+
+
 @dataclass(frozen=True)
 class CaptionResult:
     """The n-best captions for one input, best first; ``video`` is set for videos."""
@@ -50,35 +64,7 @@ class CaptionResult:
 
     @property
     def caption(self) -> str:
-        return self.captions[0].text if self.captions else ""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The device to run on: "auto" picks CUDA when present, else the CPU.
-
-    An unknown device name, or CUDA asked for where there is none, is a ConfigError.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for, but CUDA is not available here")
-    return resolved
-
-
-def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """fp32 on the CPU; bf16 (or fp16 on older GPUs) autocast on CUDA."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
-    return dtypes[precision]
+        return best_caption(self.captions)
 
 
 class Captioner:
@@ -103,6 +89,7 @@ class Captioner:
         self.name = str(checkpoint.metadata.get("name", name))
         self.version = str(checkpoint.metadata.get("version", "0"))
         self.max_batch_size = max_batch_size
+        self._eager_encoder: torch.nn.Module | None = None  # set by compile()
 
     @classmethod
     def load(
@@ -148,9 +135,10 @@ class Captioner:
 
     def prepare_image(
         self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> torch.Tensor:
-        """An image as a one-frame sequence tensor (1, 3, S, S)."""
-        return self.preprocess(load_image(source, max_pixels=max_pixels)).unsqueeze(0)
+    ) -> tuple[torch.Tensor, ImageInfo]:
+        """An image as a one-frame sequence tensor (1, 3, S, S), and what the image was."""
+        image, info = open_image(source, max_pixels=max_pixels)
+        return self.preprocess(image).unsqueeze(0), info
 
     def prepare_frames(
         self, frames: Sequence[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -169,6 +157,40 @@ class Captioner:
         """``num_frames`` frames sampled uniformly over a video, as a (T, 3, S, S) tensor."""
         frames, info = read_video(source, num_frames or self.num_frames, limits)
         return self.preprocess.frames(frames), info
+
+    # -- serving set-up ------------------------------------------------------------------
+
+    def compile(self) -> None:
+        """Compile the CNN with ``torch.compile``: faster batches after a slow first call.
+
+        Compilation happens on the first call, so ``warm_up`` next; if it fails there, the
+        warm-up logs why and goes back to the eager CNN.
+        """
+        self._eager_encoder = self.model.encoder
+        self.model.encoder = torch.compile(self.model.encoder)
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run the shapes serving will use (images in ``batch_sizes``, a clip, a clip beside an
+        image), so that the first requests pay no one-off costs."""
+        started = time.perf_counter()
+        try:
+            self._run_warm_up(batch_sizes)
+        except Exception:
+            if self._eager_encoder is None:
+                raise
+            log.warning("torch.compile failed; serving the eager encoder", exc_info=True)
+            self.model.encoder, self._eager_encoder = self._eager_encoder, None
+            self._run_warm_up(batch_sizes)
+        log.info("warm-up took %.2f s", time.perf_counter() - started)
+
+    def _run_warm_up(self, batch_sizes: Sequence[int]) -> None:
+        picture = Image.new("RGB", (320, 240), (128, 96, 64))
+        image, _ = self.prepare_image(picture)
+        clip = self.prepare_frames([picture] * self.num_frames)
+        options = self.options()
+        batches = [[image] * size for size in batch_sizes] + [[clip], [clip, image]]
+        for batch in batches:
+            self.caption_tensors(batch, [options] * len(batch))
 
     # -- the batched model call ----------------------------------------------------------
 
@@ -266,7 +288,7 @@ class Captioner:
         self, images: Sequence[ImageSource], options: DecodingOptions | None = None
     ) -> list[CaptionResult]:
         """Caption images (PIL images, bytes or paths) in batches."""
-        tensors = [self.prepare_image(image) for image in images]
+        tensors = [self.prepare_image(image)[0] for image in images]
         return [CaptionResult(c) for c in self.caption_tensors(tensors, options)]
 
     def caption_frames(

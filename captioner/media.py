@@ -46,8 +46,24 @@ def _describe(source: object) -> str:
     return type(source).__name__
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a decoded image was, as stored (before EXIF orientation): reported to clients."""
+
+    width: int
+    height: int
+    format: str  # "png", "jpeg", ...: the file's format, lower-case; "unknown" when it has none
+
+
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image from a PIL image, bytes or a path as RGB, honouring EXIF orientation."""
+    return open_image(source, max_pixels=max_pixels)[0]
+
+
+def open_image(
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, ImageInfo]:
+    """``load_image``, and what the image was: its stored size and its file format."""
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -73,9 +89,10 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise MediaTooLargeError(
             f"{_describe(source)}: image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1"
         )
+    info = ImageInfo(width, height, (image.format or "unknown").lower())
     try:
         image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        return _to_rgb(image), info
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidMediaError(f"{_describe(source)}: image data is corrupt ({exc})") from exc
 

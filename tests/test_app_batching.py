@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from app.batching import Batcher, ClosedError, QueueFullError
+from app.batching import Batcher
+from app.engine_errors import NotReady, QueueFull
 from app.metrics import Metrics
 
 
@@ -79,7 +80,7 @@ def test_full_queue_refuses_all_or_nothing() -> None:
         await until(run.started.is_set)  # the worker holds input 0; the queue is empty
         queued = asyncio.ensure_future(batcher.submit_many([(1, 0)]))
         await until(lambda: batcher.depth == 1)
-        with pytest.raises(QueueFullError):
+        with pytest.raises(QueueFull):
             await batcher.submit_many([(2, 0), (3, 0)])
         assert batcher.depth == 1  # nothing of the refused request was queued
         gate.set()
@@ -143,7 +144,7 @@ def test_close_finishes_queued_inputs_then_refuses_new_ones() -> None:
         gate.set()
         await batcher.close(5)  # does not wait max_wait_s: closing flushes at once
         assert [(await w).value for w in waiting] == [0, 10, 20, 30, 40]
-        with pytest.raises(ClosedError):
+        with pytest.raises(NotReady):
             await batcher.submit(9, 0)
 
     asyncio.run(main())
@@ -159,7 +160,7 @@ def test_close_timeout_fails_what_is_left_cleanly() -> None:
         await until(run.started.is_set)
         await batcher.close(0.05)
         outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-        assert all(isinstance(o, ClosedError) for o in outcomes)
+        assert all(isinstance(o, NotReady) for o in outcomes)
         gate.set()
 
     asyncio.run(main())

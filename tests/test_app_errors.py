@@ -8,7 +8,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from app.batching import ClosedError, QueueFullError
+from app.engine_errors import InputFailed, NotReady, QueueFull, RequestTimeout, TooManyFrames
 from app.errors import (
     ERROR_TYPES,
     GENERIC_500,
@@ -61,8 +61,22 @@ def test_the_error_types_and_their_statuses_are_stable() -> None:
         (InvalidMediaError("bad"), {"param": "image"}, "invalid_image", "image"),
         (InvalidMediaError("bad"), {"media": "video"}, "invalid_video", None),
         (CaptionerError("other"), {}, "invalid_request", None),
-        (QueueFullError("full"), {}, "overloaded", None),
-        (ClosedError("closing"), {}, "not_ready", None),
+        (QueueFull("full"), {}, "overloaded", None),
+        (NotReady("closing"), {}, "not_ready", None),
+        (TooManyFrames("too many"), {}, "too_many_frames", "num_frames"),
+        (
+            InputFailed(InvalidMediaError("bad"), media="video", param="frames"),
+            {},
+            "invalid_video",
+            "frames",
+        ),
+        (
+            InputFailed(MediaTooLargeError("big"), media="image", param="images[2]"),
+            {},
+            "payload_too_large",
+            "images[2]",
+        ),
+        (RequestTimeout("slow"), {}, "timeout", None),
         (TimeoutError(), {}, "timeout", None),
     ],
 )
@@ -73,7 +87,7 @@ def test_library_and_engine_errors_map_to_one_type(exc, kwargs, type, param) -> 
 
 
 def test_busy_errors_say_when_to_retry() -> None:
-    for exc in (QueueFullError("full"), ClosedError("closing")):
+    for exc in (QueueFull("full"), NotReady("closing")):
         assert from_exception(exc, retry_after_s=7).headers == {"Retry-After": "7"}
 
 

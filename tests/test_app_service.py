@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from app.main import create_app
-from app.service import CaptionService
+from app.service import CaptionService, available_cpus
 from captioner.inference import Captioner
 from tests.app_support import assert_error, png, ready_client, tiny_settings
 
@@ -150,3 +152,37 @@ def test_draining_refuses_new_requests_and_finishes_in_flight_ones(tiny_checkpoi
 def test_preprocessing_pool_size_follows_the_setting(tiny_checkpoint, workers) -> None:
     service = create_app(tiny_settings(tiny_checkpoint, preprocess_workers=workers)).state.service
     assert service.workers == workers
+
+
+def test_the_default_pool_size_is_the_usable_cpus(tiny_checkpoint) -> None:
+    service = create_app(tiny_settings(tiny_checkpoint, preprocess_workers=None)).state.service
+    assert service.workers == available_cpus() >= 1
+
+
+def test_the_default_pool_size_where_there_is_no_cpu_affinity(tiny_checkpoint, monkeypatch) -> None:
+    # macOS and Windows have no os.sched_getaffinity: serve must still start there.
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    service = create_app(tiny_settings(tiny_checkpoint, preprocess_workers=None)).state.service
+    assert service.workers == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable"
+    assert available_cpus() == 1
+
+
+def test_a_model_that_crashes_is_a_generic_500_and_the_server_goes_on(
+    tiny_checkpoint, caplog
+) -> None:
+    app = create_app(tiny_settings(tiny_checkpoint))
+    with ready_client(app) as client:
+        service = app.state.service
+        run = service.batcher.run_batch
+
+        def crash(*args):
+            raise RuntimeError("secret internal detail")
+
+        service.batcher.run_batch = crash
+        with caplog.at_level(logging.ERROR):
+            error = assert_error(post_image(client), 500, "internal_error")
+        assert "secret" not in error["message"] and "secret internal detail" in caplog.text
+        service.batcher.run_batch = run
+        assert post_image(client).status_code == 200

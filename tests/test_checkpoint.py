@@ -6,9 +6,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from captioner.checkpoint import (
+    CONFIG_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    TrainState,
+    copy_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
 from captioner.config import preset
-from captioner.errors import ModelLoadError
+from captioner.errors import ConfigError, ModelLoadError
 from tests.conftest import make_tiny_model
 
 
@@ -135,3 +148,67 @@ def test_invalid_values_in_config_json_fail_at_load(
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=message):
         load_checkpoint(directory)
+
+
+def test_copy_checkpoint_copies_the_checkpoint_not_the_training_state(tmp_path, tiny_vocab):
+    directory, model = _saved(tmp_path, tiny_vocab)
+    (directory / STATE_FILE).write_text("{}")
+    (directory / OPTIMIZER_FILE).write_bytes(b"")
+    copied = copy_checkpoint(directory, tmp_path / "export" / "best")
+    assert sorted(p.name for p in copied.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert load_checkpoint(copied).model.config == model.config
+
+
+def _optimizer(seed: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    for _ in range(3):
+        layer(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def test_training_state_round_trip_restores_the_optimizer_exactly(tmp_path) -> None:
+    state = TrainState(phase="finetune", phase_start=2, epoch=3, step=30, best=0.5, stale=1)
+    state.history.append({"epoch": 3, "CIDEr-D": 0.5})
+    optimizer, scheduler = _optimizer(seed=0)
+    save_train_state(tmp_path, state, optimizer, scheduler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [OPTIMIZER_FILE, STATE_FILE]
+    assert load_train_state(tmp_path) == state
+
+    fresh, fresh_scheduler = _optimizer(seed=1)
+    load_optimizer_state(tmp_path, fresh, fresh_scheduler)
+    saved, restored = optimizer.state_dict(), fresh.state_dict()
+    for index, values in saved["state"].items():
+        for name, value in values.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(restored["state"][index][name])
+            )
+    assert fresh_scheduler.state_dict()["last_epoch"] == scheduler.state_dict()["last_epoch"]
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_a_new_phase_starts_where_the_last_one_ended() -> None:
+    state = TrainState(epoch=4, step=40, best=0.3, stale=2, stopped=True)
+    state.begin("finetune")
+    assert (state.phase, state.phase_start, state.stale, state.stopped) == ("finetune", 4, 0, False)
+    assert (state.epoch, state.step, state.best) == (4, 40, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot resume"),
+        ("{not json", "cannot resume"),
+        # What releases before the TrainState wrote: a flat dict of counters.
+        ('{"epoch": 2, "step": 10, "best": 0.1, "optimizer_phase": "frozen"}', "older captioner"),
+    ],
+)
+def test_a_state_that_cannot_resume_says_to_start_afresh(tmp_path, content, problem) -> None:
+    if content is not None:
+        (tmp_path / STATE_FILE).write_text(content)
+    with pytest.raises(ConfigError, match=f"{problem}.*start without --resume"):
+        load_train_state(tmp_path)

@@ -78,3 +78,21 @@ def test_frames_in_order_and_reversed_describe_opposite_motions(captioner) -> No
     assert score_caption(forward, meta)["motion"], forward
     reversed_meta = {**meta, "motion": {**meta["motion"], "kind": "left"}}
     assert score_caption(backward, reversed_meta)["motion"], backward
+
+
+def test_the_model_card_states_the_size_of_the_shipped_weights() -> None:
+    from safetensors.torch import load_file
+
+    from captioner.checkpoint import load_checkpoint
+
+    card = (Path(__file__).resolve().parent.parent / "MODEL_CARD.md").read_text()
+    weights = load_file(str(DEFAULT_MODEL_DIR / "model.safetensors"))
+    total = sum(t.numel() for t in weights.values())
+    cnn = sum(t.numel() for name, t in weights.items() if name.startswith("encoder."))
+    parameters = sum(p.numel() for p in load_checkpoint(DEFAULT_MODEL_DIR).model.parameters())
+    size = card.split("**Size**:")[1].split("\n* ")[0]
+    for count in (total, cnn, parameters, total - parameters):
+        assert f"{count:,}" in size, count
+    assert f"{total / 1e6:.2f} M" in size
+    for marker in ("<!-- results:start -->", "<!-- results:end -->"):
+        assert card.count(marker) == 1, marker

@@ -24,7 +24,7 @@ def test_images_batched_equal_images_alone(captioner) -> None:
 
 
 def test_mixed_options_in_one_batch_match_separate_calls(captioner) -> None:
-    tensors = [captioner.prepare_image(png_bytes(frame_image(i))) for i in range(3)]
+    tensors = [captioner.prepare_image(png_bytes(frame_image(i)))[0] for i in range(3)]
     opts = [
         DecodingOptions(beam_size=1),
         DecodingOptions(beam_size=3, num_captions=3),
@@ -72,3 +72,59 @@ def test_empty_sequences_and_unknown_devices_are_clear_errors(captioner, tiny_ch
 def test_describe(captioner) -> None:
     info = captioner.describe()
     assert info["name"] == "tiny" and info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_prepare_image_says_what_the_image_was(captioner) -> None:
+    tensor, info = captioner.prepare_image(png_bytes(frame_image(0, size=(64, 48))))
+    assert tuple(tensor.shape) == (1, 3, 64, 64)
+    assert (info.width, info.height, info.format) == (64, 48, "png")
+    _, made_in_memory = captioner.prepare_image(frame_image(0, size=(30, 20)))
+    assert (made_in_memory.width, made_in_memory.height, made_in_memory.format) == (
+        30,
+        20,
+        "unknown",
+    )
+
+
+def test_best_caption_is_the_first_or_empty() -> None:
+    from captioner.inference import Caption, best_caption
+
+    assert best_caption([Caption("a red circle", -1.0), Caption("a circle", -2.0)]) == (
+        "a red circle"
+    )
+    assert best_caption([]) == ""
+
+
+def test_warm_up_runs_each_batch_size_a_clip_and_a_mixed_batch(
+    tiny_checkpoint, monkeypatch
+) -> None:
+    captioner = Captioner.load(tiny_checkpoint, device="cpu")
+    shapes = []
+    real = captioner.caption_tensors
+
+    def spy(sequences, options=None):
+        shapes.append(tuple(len(s) for s in sequences))
+        return real(sequences, options)
+
+    monkeypatch.setattr(captioner, "caption_tensors", spy)
+    captioner.warm_up(batch_sizes=(1, 3))
+    assert shapes == [(1,), (1, 1, 1), (8,), (8, 1)]
+
+
+def test_a_compiled_cnn_that_fails_in_warm_up_goes_back_to_eager(
+    tiny_checkpoint, monkeypatch, caplog
+) -> None:
+    import torch
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("no compiler here")
+
+    captioner = Captioner.load(tiny_checkpoint, device="cpu")
+    eager = captioner.model.encoder
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    captioner.compile()
+    assert isinstance(captioner.model.encoder, Broken)
+    captioner.warm_up()
+    assert captioner.model.encoder is eager
+    assert "torch.compile failed" in caplog.text

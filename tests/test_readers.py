@@ -645,6 +645,11 @@ def test_msrvtt_happy_path(tmp_path: Path) -> None:
         ),
         (lambda d: d["videos"][2].pop("video_id"), "videos[2]", "missing field 'video_id'"),
         (
+            lambda d: d["videos"][2].update(video_id="video0"),
+            "videos[2] (video_id video0)",
+            "duplicate video id 'video0'; every video needs a unique id",
+        ),
+        (
             lambda d: d["videos"][2].update(video_id="video9"),
             "videos[2] (video_id video9)",
             "file not found: ",
@@ -894,3 +899,13 @@ def test_check_skipped_counts_coco_annotations_as_entries(tmp_path: Path) -> Non
     check_skipped(result, 0.1, allow_hint="x")
     with pytest.raises(DatasetError, match="skipped 1 of 11 entries"):
         check_skipped(result, 0.05, allow_hint="x")
+
+
+def test_only_a_coco_file_reads_as_having_no_splits(tmp_path: Path, manifest: Path) -> None:
+    # Its items all get the split they are read as, so its "train" and "val" are the same media.
+    root = tmp_path / "val2014"
+    coco = write_json(tmp_path / "captions_val2014.json", coco_captions(root))
+    assert load_dataset(coco, root=root, split="train").has_splits is False
+    assert load_dataset(manifest).has_splits is True
+    karpathy = write_json(tmp_path / "dataset_coco.json", karpathy_coco(tmp_path / "coco"))
+    assert load_dataset(karpathy, root=tmp_path / "coco").has_splits is True

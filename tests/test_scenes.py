@@ -258,6 +258,19 @@ def test_every_grammar_motion_phrase_parses_to_its_kind() -> None:
         assert parse_caption(f"a red circle {phrase}").motion is None, phrase
 
 
+def test_the_parser_reads_words_as_the_vocab_does_and_ends_phrases_at_punctuation() -> None:
+    # One tokenizer: vocab.tokenize splits clitics ("does n't") and normalises the curly
+    # apostrophe, so every spelling of a negation is one word to the parser.
+    for negated in ("doesn't", "doesn\u2019t", "isn't", "does not", "never"):
+        assert parse_caption(f"a red circle {negated} move left").motion is None, negated
+    assert parse_caption("A RED CIRCLE MOVES LEFT") == ParsedCaption([("red", "circle")], "left", 0)
+    # Where they differ: the vocab drops punctuation (the model writes none), but for the
+    # parser it ends a phrase, so words on either side never make one object or one motion.
+    assert parse_caption("the circle is red, square ones are blue").objects == []
+    assert parse_caption("the circle is red square").objects == [("red", "square")]
+    assert parse_caption("a red circle moves. left is a blue square").motion is None
+
+
 def test_parse_attributes_motion_to_the_nearest_preceding_object() -> None:
     parsed = parse_caption("a blue square stays still while a red circle moves left")
     assert parsed == ParsedCaption([("blue", "square"), ("red", "circle")], "left", 1)

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import load_checkpoint, load_train_state
 from captioner.cli import main
 from captioner.data.scenes import generate_corpus
-from captioner.errors import ConfigError
-from captioner.training import caption_loss, load_train_config
+from captioner.training import caption_loss
 
 CONFIG = """
 preset = "test-tiny"
@@ -100,28 +99,6 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
     assert (run / weights).read_bytes() == (straight / "run" / weights).read_bytes()
 
 
-def test_config_files_and_overrides(tmp_path) -> None:
-    toml = tmp_path / "c.toml"
-    toml.write_text('epochs = 3\n[data]\ntrain = "m.jsonl"\n')
-    assert load_train_config(toml, ["version=2"]).version == "2"
-    config = load_train_config(toml, ["lr=0.01", "data.min_count=4", "model.frame_dim=64"])
-    assert (config.epochs, config.lr, config.data.min_count) == (3, 0.01, 4)
-    assert config.model == {"frame_dim": 64}
-    yaml = tmp_path / "c.yaml"
-    yaml.write_text("epochs: 7\ndata:\n  train: m.jsonl\n")
-    assert load_train_config(yaml).epochs == 7
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_train_config(toml, ["epoch=3"])
-    with pytest.raises(ConfigError, match="key=value"):
-        load_train_config(toml, ["epochs"])
-    with pytest.raises(ConfigError, match="not a section"):
-        load_train_config(toml, ["data=1", "data.train=x"])
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("epochs: [1, 2\n")
-    with pytest.raises(ConfigError, match="cannot read config"):
-        load_train_config(broken)
-
-
 def test_loss_ignores_padding() -> None:
     logits = torch.randn(2, 3, 5)
     targets = torch.tensor([[1, 2, 0], [3, 0, 0]])
@@ -173,6 +150,56 @@ def test_finetuning_phase_trains_the_cnn_on_pixels(tmp_path, manifest) -> None:
     assert after.config.encoder.frozen is False
     changed = [k for k, v in after.encoder.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "fine-tuning left every CNN weight as it was"
+
+
+@pytest.fixture
+def restore_threads():
+    """Put back torch's thread count, which ``cpu_threads`` sets for the whole process."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_resume_in_the_finetuning_phase_continues_exactly(
+    tmp_path, monkeypatch, restore_threads
+) -> None:
+    import captioner.training as training
+
+    # Fine-tuning decodes pixels every step: a small corpus of images keeps this test short.
+    manifest = generate_corpus(tmp_path / "scenes", 20, 0, seed=3, image_size=64)
+    # One thread: on a busy 2-core machine, two spinning OpenMP threads take 20x longer.
+    recipe = ["epochs=1", "finetune_epochs=2", "finetune_batch_size=8", "cpu_threads=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    assert main(["train", "--config", str(_config(straight, manifest)), *recipe]) == 0
+
+    real_validate, calls = training.validate, []
+
+    def killed_in_the_second_finetuning_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", killed_in_the_second_finetuning_epoch)
+    config = str(_config(resumed, manifest))
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", config, *recipe])
+    assert load_train_state(resumed / "run" / "last").phase == "finetune"
+    monkeypatch.setattr(training, "validate", real_validate)
+    assert main(["train", "--config", config, *recipe, "--resume"]) == 0
+
+    run = resumed / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in records] == [
+        (1, "frozen"),
+        (2, "finetune"),
+        (3, "finetune"),
+    ]
+    weights = "last/model.safetensors"
+    assert (run / weights).read_bytes() == (straight / "run" / weights).read_bytes()
 
 
 def _with_missing_files(manifest: Path, tmp_path: Path, count: int) -> Path:

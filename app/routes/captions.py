@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
-from app.deps import ReadyServiceDep, RequestIdDep, SettingsDep, StartedDep
-from app.errors import ApiError, error_responses
+from app.deps import CaptionContextDep
+from app.errors import error_responses, from_exception
 from app.schemas import (
     BatchCaption,
     BatchCaptionResponse,
@@ -99,17 +99,15 @@ VIDEO_BODY = _body(
     responses=error_responses("invalid_image", *COMMON_ERRORS),
 )
 async def caption_image(
-    request: Request,
-    options: Annotated[CaptionOptions, Query()],
-    service: ReadyServiceDep,
-    settings: SettingsDep,
-    request_id: RequestIdDep,
-    started: StartedDep,
+    context: CaptionContextDep, options: Annotated[CaptionOptions, Query()]
 ) -> ImageCaptionResponse:
-    upload = await read_image(request, settings)
+    service = context.service
+    upload = await read_image(context.request, context.settings)
     decoding = service.options(options.merged(upload.fields).decoding())
     result = await service.caption_image(upload.data, decoding)
-    return ImageCaptionResponse(id=request_id, model=_model(service), **_answer(result, started))
+    return ImageCaptionResponse(
+        id=context.request_id, model=_model(service), **_answer(result, context.started)
+    )
 
 
 @router.post(
@@ -121,23 +119,21 @@ async def caption_image(
     responses=error_responses("too_many_images", *COMMON_ERRORS),
 )
 async def caption_images(
-    request: Request,
-    options: Annotated[CaptionOptions, Query()],
-    service: ReadyServiceDep,
-    settings: SettingsDep,
-    request_id: RequestIdDep,
-    started: StartedDep,
+    context: CaptionContextDep, options: Annotated[CaptionOptions, Query()]
 ) -> BatchCaptionResponse:
-    upload = await read_images(request, settings)
+    service = context.service
+    upload = await read_images(context.request, context.settings)
     decoding = service.options(options.merged(upload.fields).decoding())
     results = await service.caption_images(upload.images, decoding)
     items: list[BatchCaption | BatchFailure] = []
     for index, result in enumerate(results):
-        if isinstance(result, ApiError):
-            items.append(BatchFailure.model_validate({"index": index, **result.body()}))
+        if isinstance(result, Captioned):
+            items.append(BatchCaption(index=index, **_answer(result, context.started)))
         else:
-            items.append(BatchCaption(index=index, **_answer(result, started)))
-    return BatchCaptionResponse(id=request_id, model=_model(service), results=items)
+            error = from_exception(result)
+            service.metrics.failures.labels(reason=error.type).inc()
+            items.append(BatchFailure.model_validate({"index": index, **error.body()}))
+    return BatchCaptionResponse(id=context.request_id, model=_model(service), results=items)
 
 
 @router.post(
@@ -147,14 +143,10 @@ async def caption_images(
     responses=error_responses("invalid_video", "too_many_frames", *COMMON_ERRORS),
 )
 async def caption_video(
-    request: Request,
-    options: Annotated[VideoOptions, Query()],
-    service: ReadyServiceDep,
-    settings: SettingsDep,
-    request_id: RequestIdDep,
-    started: StartedDep,
+    context: CaptionContextDep, options: Annotated[VideoOptions, Query()]
 ) -> VideoCaptionResponse:
-    upload = await read_video(request, settings)
+    service = context.service
+    upload = await read_video(context.request, context.settings)
     try:
         merged = options.merged(upload.fields)
         decoding = service.options(merged.decoding())
@@ -167,7 +159,9 @@ async def caption_video(
             result = await service.caption_frames(upload.frames, merged.num_frames, decoding)
     finally:
         upload.close()
-    return VideoCaptionResponse(id=request_id, model=_model(service), **_answer(result, started))
+    return VideoCaptionResponse(
+        id=context.request_id, model=_model(service), **_answer(result, context.started)
+    )
 
 
 def _model(service: CaptionService) -> ModelRef:

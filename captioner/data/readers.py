@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from captioner.config import DEFAULT_MAX_SKIPPED_SHARE
 from captioner.data.items import SPLITS, CaptionItem
 from captioner.errors import ConfigError, DatasetError
 from captioner.media_types import VIDEO_SUFFIXES
@@ -49,9 +50,6 @@ OnError = Literal["fail", "skip"]
 
 VIDEO_EXTENSIONS = VIDEO_SUFFIXES
 """File extensions a manifest treats as video files when an entry gives no ``kind``."""
-
-DEFAULT_MAX_SKIPPED_SHARE = 0.01
-"""Training and evaluation stop when a reader skips more than this share of its entries."""
 
 KINDS = ("image", "video")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -79,6 +77,9 @@ class ReadResult:
     source: Path  # the dataset file that was read
     # Entries read, in every split, kept or skipped: the denominator of the skipped share.
     entries: int = field(default=0, compare=False)
+    # False when the file carries no splits and every item got the one it was read as (COCO):
+    # its "train" and "val" items are then the same media.
+    has_splits: bool = field(default=True, compare=False)
 
 
 def check_skipped(result: ReadResult, max_share: float, *, allow_hint: str) -> ReadResult:
@@ -292,7 +293,7 @@ class _Reader:
         self.skipped.append(message)
         self.entries += 1
 
-    def result(self) -> ReadResult:
+    def result(self, *, has_splits: bool = True) -> ReadResult:
         """Finish reading: warn once about what was skipped."""
         if self.skipped:
             logger.warning(
@@ -302,7 +303,7 @@ class _Reader:
                 len(self.items),
                 self.skipped[0],
             )
-        return ReadResult(self.items, self.skipped, self.source, self.entries)
+        return ReadResult(self.items, self.skipped, self.source, self.entries, has_splits)
 
 
 def _read_manifest(
@@ -471,78 +472,87 @@ def _read_coco(
     _check_root(root, check_files, "image_root")
     root = root.absolute()
 
-    # Pass 1: the images, by id. Pass 2: the annotations, grouped by image. Pass 3: the items.
-    paths: dict[int, tuple[str, Path]] = {}
-    rejected: set[int] = set()
-    for index, entry in enumerate(images):
-        where = f"images[{index}]"
-        image_id = None
-        try:
-            entry = _object(entry, "the entry")
-            image_id = _integer(_require(entry, "id"), "'id'")
-            where = f"{where} (id {image_id})"
-            if image_id in paths:
-                raise _Malformed(f"duplicate image id {image_id}; every image needs a unique id")
-            file_name = _string(_require(entry, "file_name"), "'file_name'")
-            paths[image_id] = (where, root / file_name)
-        except _Malformed as error:
-            if image_id is not None and image_id not in paths:
-                rejected.add(image_id)
-            reader.reject(where, str(error))
-
-    captions = _group_captions(
-        annotations, "annotations", "id", "image_id", _integer, paths, rejected, "images", reader
-    )
-
-    for image_id, (where, path) in paths.items():
-        item = CaptionItem(
-            id=str(image_id),
-            paths=(path,),
-            kind="image",
-            captions=tuple(captions.get(image_id, ())),
-            split=split,
+    def image(image_id: int, entry: dict[str, Any]) -> CaptionItem:
+        file_name = _string(_require(entry, "file_name"), "'file_name'")
+        return CaptionItem(
+            id=str(image_id), paths=(root / file_name,), kind="image", captions=(), split=split
         )
-        try:
-            reader.add(item)
-        except _Malformed as error:
-            reader.reject(where, str(error))
-    return reader.result()
+
+    _read_owners_then_captions(
+        reader,
+        images,
+        image,
+        annotations,
+        names=("images", "annotations"),
+        id_key="id",
+        parse_id=_integer,
+        label_key="id",
+    )
+    return reader.result(has_splits=False)
 
 
-def _group_captions(
-    records: list[Any],
-    name: str,
-    label_key: str,
+def _read_owners_then_captions(
+    reader: _Reader,
+    owners: list[Any],
+    make_item: Callable[[Any, dict[str, Any]], CaptionItem],
+    captions: list[Any],
+    *,
+    names: tuple[str, str],
     id_key: str,
     parse_id: Callable[[Any, str], Any],
-    known: Container[Any],
-    rejected: set[Any],
-    owners: str,
-    reader: _Reader,
-) -> defaultdict[Any, list[str]]:
-    """Captions grouped by the id of the image or video they describe (COCO and MSR-VTT).
+    label_key: str,
+) -> None:
+    """Read the layout COCO and MSR-VTT share: a list of owners (images or videos) with ids,
+    then a list of captions that each name their owner. Each owner becomes an item, made by
+    ``make_item(id, entry)``, with its captions in order.
 
-    A caption of an unknown owner is malformed; one whose owner was rejected already is
-    dropped without a second report.
+    ``names`` are the two lists' names (for messages); ``id_key`` is the owners' id field and
+    ``label_key`` the caption records' own id. An owner whose entry is malformed is reported
+    once and its captions are dropped silently; a caption of an unknown owner is malformed.
     """
-    captions: defaultdict[Any, list[str]] = defaultdict(list)
-    for index, record in enumerate(records):
-        where = f"{name}[{index}]"
+    owners_name, captions_name = names
+    noun = owners_name.removesuffix("s")
+    owner_key = f"{noun}_id"  # how a caption names its owner: image_id, video_id
+    found: dict[Any, tuple[str, CaptionItem]] = {}
+    rejected: set[Any] = set()
+    for index, entry in enumerate(owners):
+        where = f"{owners_name}[{index}]"
+        owner = None
         try:
-            record = _object(record, f"the {name[:-1]}")
+            entry = _object(entry, "the entry")
+            owner = parse_id(_require(entry, id_key), f"'{id_key}'")
+            where = f"{where} ({id_key} {owner})"
+            if owner in found:
+                raise _Malformed(f"duplicate {noun} id {owner!r}; every {noun} needs a unique id")
+            found[owner] = (where, make_item(owner, entry))
+        except _Malformed as error:
+            if owner is not None and owner not in found:
+                rejected.add(owner)
+            reader.reject(where, str(error))
+
+    grouped: defaultdict[Any, list[str]] = defaultdict(list)
+    for index, record in enumerate(captions):
+        where = f"{captions_name}[{index}]"
+        try:
+            record = _object(record, f"the {captions_name[:-1]}")
             if label_key in record:
                 where = f"{where} ({label_key} {record[label_key]})"
-            owner = parse_id(_require(record, id_key), f"'{id_key}'")
+            owner = parse_id(_require(record, owner_key), f"'{owner_key}'")
             caption = _caption(_require(record, "caption"), "'caption'")
-            if owner not in known:
+            if owner not in found:
                 if owner in rejected:
                     continue  # its image or video was already reported
-                raise _Malformed(f"'{id_key}' {owner!r} is not in '{owners}'")
-            captions[owner].append(caption)
+                raise _Malformed(f"'{owner_key}' {owner!r} is not in '{owners_name}'")
+            grouped[owner].append(caption)
             reader.entries += 1
         except _Malformed as error:
             reader.reject(where, str(error))
-    return captions
+
+    for owner, (where, item) in found.items():
+        try:
+            reader.add(replace(item, captions=tuple(grouped.get(owner, ()))))
+        except _Malformed as error:
+            reader.reject(where, str(error))
 
 
 def _read_msrvtt(
@@ -560,42 +570,27 @@ def _read_msrvtt(
     _check_root(root, check_files, "video_root")
     root = root.absolute()
 
-    # Pass 1: the videos, by id. Pass 2: the sentences, grouped by video. Pass 3: the items.
-    found: dict[str, tuple[str, CaptionItem]] = {}
-    rejected: set[str] = set()
-    for index, entry in enumerate(videos):
-        where = f"videos[{index}]"
-        video_id = None
-        try:
-            entry = _object(entry, "the entry")
-            video_id = _string(_require(entry, "video_id"), "'video_id'")
-            where = f"{where} (video_id {video_id})"
-            reader.claim_id(video_id)
-            split = _choice(_require(entry, "split"), "'split'", MSRVTT_SPLITS)
-            meta = {"category": entry["category"]} if "category" in entry else {}
-            item = CaptionItem(
-                id=video_id,
-                paths=(root / f"{video_id}{MSRVTT_VIDEO_SUFFIX}",),
-                kind="video",
-                captions=(),
-                split=MSRVTT_SPLITS[split],
-                meta=meta,
-            )
-            found[video_id] = (where, item)
-        except _Malformed as error:
-            if video_id is not None and video_id not in found:
-                rejected.add(video_id)
-            reader.reject(where, str(error))
+    def video(video_id: str, entry: dict[str, Any]) -> CaptionItem:
+        split = _choice(_require(entry, "split"), "'split'", MSRVTT_SPLITS)
+        return CaptionItem(
+            id=video_id,
+            paths=(root / f"{video_id}{MSRVTT_VIDEO_SUFFIX}",),
+            kind="video",
+            captions=(),
+            split=MSRVTT_SPLITS[split],
+            meta={"category": entry["category"]} if "category" in entry else {},
+        )
 
-    captions = _group_captions(
-        sentences, "sentences", "sen_id", "video_id", _string, found, rejected, "videos", reader
+    _read_owners_then_captions(
+        reader,
+        videos,
+        video,
+        sentences,
+        names=("videos", "sentences"),
+        id_key="video_id",
+        parse_id=_string,
+        label_key="sen_id",
     )
-
-    for video_id, (where, item) in found.items():
-        try:
-            reader.add(replace(item, captions=tuple(captions.get(video_id, ()))))
-        except _Malformed as error:
-            reader.reject(where, str(error))
     return reader.result()
 
 

@@ -4,7 +4,9 @@ Images hold one to three shapes on a muted background; clips show one shape movi
 right, up, down) or changing size (grow, shrink), sometimes beside a static one. Every item
 carries five captions and its ground truth (``meta``), and :func:`score_caption` checks any
 caption, a model's included, against that ground truth. The same seed always writes the same
-bytes, so a corpus can be regenerated instead of shipped.
+images, captions and ground truth, so a corpus can be regenerated instead of shipped; the clip
+files are nearly the same, since libx264 encodes a few clips differently from one process to
+the next (see :func:`write_video`).
 
 The caption grammar and the caption parser live in :mod:`captioner.data.scenes_grammar` and
 are re-exported here.

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from captioner.errors import DatasetError
+from captioner.vocab import tokenize
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 # No gray/grey/black: backgrounds are described as gray and must never read as an object.
@@ -354,8 +355,12 @@ _SIZE_CHANGE = {
     **dict.fromkeys(("increase", "increases", "increasing", "increased"), "grow"),
     **dict.fromkeys(("decrease", "decreases", "decreasing", "decreased"), "shrink"),
 }
-_NEGATIONS = frozenset({"not", "never", "t"})  # "t" as in "doesn't" -> doesn / ' / t
-_TOKEN = re.compile(r"[a-z]+|[^a-z\s]")
+_NEGATIONS = frozenset({"not", "never", "n't"})  # "doesn't" is "does n't" to the tokenizer
+# Punctuation ends a phrase: "the circle is red, the square blue" names no red square. The
+# vocab's tokenizer drops punctuation (the model never writes any), so the parser splits
+# phrases first and reads each one's words exactly as the vocab does.
+_PUNCTUATION = re.compile(r"[^\w\s'\u2019-]")
+_PHRASE_END = ","
 
 
 @dataclass
@@ -417,6 +422,14 @@ def _motion_at(tokens: Sequence[str], i: int) -> str | None:
     return _IMPLIED_MOTION.get(token)
 
 
+def _words(text: str) -> list[str]:
+    """The caption's words as ``vocab.tokenize`` reads them, with a mark where a phrase ends."""
+    words: list[str] = []
+    for phrase in _PUNCTUATION.split(text):
+        words += [*tokenize(phrase), _PHRASE_END]
+    return words
+
+
 def parse_caption(text: str) -> ParsedCaption:
     """Reads the objects and the motion that any free-text caption describes.
 
@@ -425,7 +438,7 @@ def parse_caption(text: str) -> ParsedCaption:
     left", "slides up", "gets bigger" or "shrinks"; a negated one ("does not move left") does
     not count, and a caption naming two different motions has no motion.
     """
-    tokens = _TOKEN.findall(text.lower())
+    tokens = _words(text)
     objects, spans = _objects(tokens)
     mentions: list[tuple[int, str]] = []
     for i in range(len(tokens)):
