@@ -71,3 +71,22 @@ class CaptionMemory(nn.Module):
         bag.scatter_add_(1, words.flatten(1), shares.flatten(1))
         bag[:, 0] = 0.0  # column 0 is <pad>, where the padded slots of each row were added
         return bag
+
+
+def attach_memory(
+    model: nn.Module, keys: torch.Tensor, token_lists: Sequence[Sequence[Sequence[int]]]
+) -> None:
+    """Give a retrieval-augmented model its caption memory: one row per training item.
+
+    Sizes the memory for these items (the config records them, so a checkpoint rebuilds it)
+    and fills it with their unit-length keys (P, E) and their captions' token ids.
+    """
+    config = model.config
+    config.retrieval_items = len(token_lists)
+    config.retrieval_words = max(
+        (len({t for caption in captions for t in caption}) for captions in token_lists),
+        default=1,
+    )
+    memory = CaptionMemory(config).to(keys.device)
+    memory.fill(keys, token_lists)
+    model.retrieval = memory

@@ -57,8 +57,10 @@ from captioner.data.training_data import (
 )
 from captioner.decoding import generate
 from captioner.device import Runtime, resolve_precision, setup_runtime
+from captioner.encoder import pooled_embedding
 from captioner.errors import ConfigError
 from captioner.evaluation import coco_metrics, scene_accuracy
+from captioner.memory import attach_memory
 from captioner.model import CaptionModel, create_model
 from captioner.vocab import Vocab
 
@@ -155,6 +157,15 @@ def train(config: TrainConfig) -> Path:
     _maybe_generate(config, runtime)
     train_items, val_items = read_splits(config.data)
     log.info("%d training items, %d validation items", len(train_items), len(val_items))
+    captions = sum(len(item.captions) for item in train_items)
+    repeats = config.data.video_repeats
+    pair_count = sum(len(i.captions) * (repeats if i.kind == "video" else 1) for i in train_items)
+    config = config.resolved(pair_count, captions)
+    log.info(
+        "recipe for %d caption pairs: %d epochs, patience %d, min_count %d, retrieval_k %s",
+        pair_count, config.epochs, config.patience, config.data.min_count,
+        config.model.get("retrieval_k", config.retrieval_k if config.preset == "default" else 0),
+    )  # fmt: skip
 
     # The model, its vocab and preprocessing travel together, as a checkpoint does.
     resume = config.resume and (out / "last" / CONFIG_FILE).exists()
@@ -191,6 +202,8 @@ def train(config: TrainConfig) -> Path:
         pairs = CachedFeaturePairs(
             train_items, checkpoint.vocab, data.max_caption_length, cache, data.video_repeats
         )
+        if checkpoint.model.config.retrieval_k and not resume:
+            _fill_memory(checkpoint.model, pairs, runtime.device)
         phase = Phase(pairs, cache, config.lr, config.batch_size, num_workers=0, resume=resume)
         _run_phase(config, runtime, checkpoint, phase, state, val_items)
 
@@ -227,6 +240,21 @@ def train(config: TrainConfig) -> Path:
         log.info("done: %s", summary)
     runtime.barrier()
     return out / "best"
+
+
+@torch.no_grad()
+def _fill_memory(model: CaptionModel, pairs: CachedFeaturePairs, device: torch.device) -> None:
+    """The caption memory of a retrieval-augmented model: every kept training item, keyed by
+    the pooled embedding of its cached features, in the pairs' item order."""
+    keys = []
+    items = len(pairs.rows)
+    for start in range(0, items, 256):
+        chunk = [pairs.item_features(i) for i in range(start, min(items, start + 256))]
+        lengths = torch.tensor([len(c) for c in chunk], device=device)
+        padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
+        keys.append(pooled_embedding(padded, lengths, model.config.encoder))
+    attach_memory(model, torch.cat(keys), pairs.item_captions())
+    log.info("caption memory: %d items, %d words each at most", items, model.config.retrieval_words)
 
 
 def _run_phase(
@@ -295,7 +323,9 @@ def _run_phase(
             visual = {_visual_key(phase.features): batch.visual}
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
             with autocast:
-                logits = wrapped(batch.inputs, batch.lengths, **visual)
+                # A training item must not retrieve itself from the caption memory.
+                exclude = batch.items if model.retrieval is not None else None
+                logits = wrapped(batch.inputs, batch.lengths, **visual, exclude=exclude)
                 loss = caption_loss(logits, batch.targets, vocab.pad_id, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -60,9 +60,10 @@ def test_pairs_repeat_videos_and_collate_pads_for_teacher_forcing() -> None:
     assert [index for index, _ in pairs.pairs] == [0, 1, 1]
     assert all(len(tokens) <= 3 for _, tokens in pairs.pairs)
     batch = make_collate(vocab)(
-        [(torch.zeros(1, 5), [4, 5]), (None, [6]), (torch.zeros(3, 5), [6, 7, 8])]
+        [(torch.zeros(1, 5), [4, 5], 0), (None, [6], 1), (torch.zeros(3, 5), [6, 7, 8], 2)]
     )
     assert batch.visual.shape == (2, 3, 5) and batch.lengths.tolist() == [1, 3]
+    assert batch.items.tolist() == [0, 2]  # each pair's item, for the caption memory
     bos, eos, pad = vocab.bos_id, vocab.eos_id, vocab.pad_id
     assert batch.inputs.tolist() == [[bos, 4, 5, pad], [bos, 6, 7, 8]]
     assert batch.targets.tolist() == [[4, 5, eos, pad], [6, 7, 8, eos]]

@@ -87,10 +87,22 @@ class CachedFeaturePairs(CaptionPairs):
         self.rows = [position[item.id] for item in kept]
         self.cache = cache
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int]]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], int]:
         item_index, tokens = self.pairs[i]
         features = self.cache.features(self.rows[item_index])
-        return torch.from_numpy(np.asarray(features, dtype=np.float32)), tokens
+        return torch.from_numpy(np.asarray(features, dtype=np.float32)), tokens, item_index
+
+    def item_features(self, item_index: int) -> torch.Tensor:
+        """The cached encoder features (T, D) of the ``item_index``-th kept item."""
+        features = self.cache.features(self.rows[item_index])
+        return torch.from_numpy(np.asarray(features, dtype=np.float32))
+
+    def item_captions(self) -> list[list[list[int]]]:
+        """Each kept item's captions as token ids, in item order (a caption memory's rows)."""
+        captions: list[list[list[int]]] = [[] for _ in self.rows]
+        for item_index, tokens in self.pairs:
+            captions[item_index].append(tokens)
+        return captions
 
 
 class PixelPairs(CaptionPairs):
@@ -107,10 +119,10 @@ class PixelPairs(CaptionPairs):
         super().__init__(items, vocab, max_length, video_repeats)
         self.media = MediaDataset(items, preprocess)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, list[int]]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, list[int], int]:
         item_index, tokens = self.pairs[i]
         _, pixels, _ = self.media[item_index]
-        return pixels, tokens
+        return pixels, tokens, item_index
 
 
 @dataclass
@@ -121,6 +133,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) frames per item
     inputs: torch.Tensor  # (B, L) <bos> w1 .. wn <pad>..
     targets: torch.Tensor  # (B, L) w1 .. wn <eos> <pad>..
+    items: torch.Tensor  # (B,) which item each pair is (its caption-memory row)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
@@ -129,7 +142,7 @@ class Batch:
 def make_collate(vocab: Vocab) -> Callable[[list], Batch]:
     """Collate (visual, tokens) pairs into a padded Batch; unreadable media (None) is dropped."""
 
-    def collate(samples: list[tuple[torch.Tensor | None, list[int]]]) -> Batch:
+    def collate(samples: list[tuple[torch.Tensor | None, list[int], int]]) -> Batch:
         samples = [s for s in samples if s[0] is not None]
         if not samples:
             raise DatasetError("a whole batch of media failed to load")
@@ -138,9 +151,10 @@ def make_collate(vocab: Vocab) -> Callable[[list], Batch]:
         width = max(len(s[1]) for s in samples) + 1
         inputs = torch.full((len(samples), width), vocab.pad_id, dtype=torch.long)
         targets = torch.full((len(samples), width), vocab.pad_id, dtype=torch.long)
-        for row, (_, tokens) in enumerate(samples):
+        for row, (_, tokens, _) in enumerate(samples):
             inputs[row, : len(tokens) + 1] = torch.tensor([vocab.bos_id, *tokens])
             targets[row, : len(tokens) + 1] = torch.tensor([*tokens, vocab.eos_id])
-        return Batch(visual, lengths, inputs, targets)
+        items = torch.tensor([s[2] for s in samples])
+        return Batch(visual, lengths, inputs, targets, items)
 
     return collate
