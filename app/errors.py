@@ -21,13 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from app import logs
-from app.engine_errors import (
-    EngineError,
-    InputFailed,
-    NotReady,
-    QueueFull,
-    TooManyFrames,
-)
+from app.engine_errors import EngineError, InputFailed, NotReady, QueueFull, TooManyFrames
 from captioner.errors import (
     CaptionerError,
     InvalidMediaError,

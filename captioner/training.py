@@ -41,20 +41,10 @@ from captioner.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from captioner.config import (
-    DecodingOptions,
-    PreprocessConfig,
-    TrainConfig,
-    to_dict,
-)
+from captioner.config import DecodingOptions, PreprocessConfig, TrainConfig, to_dict
 from captioner.data.features import FeatureCache, MediaDataset, extract_features
 from captioner.data.items import CaptionItem
-from captioner.data.training_data import (
-    CachedFeaturePairs,
-    PixelPairs,
-    make_collate,
-    read_splits,
-)
+from captioner.data.training_data import CachedFeaturePairs, PixelPairs, make_collate, read_splits
 from captioner.decoding import generate
 from captioner.device import Runtime, resolve_precision, setup_runtime
 from captioner.encoder import pooled_embedding

@@ -534,7 +534,7 @@ def _read_owners_then_captions(
     for index, record in enumerate(captions):
         where = f"{captions_name}[{index}]"
         try:
-            record = _object(record, f"the {captions_name[:-1]}")
+            record = _object(record, f"the {captions_name.removesuffix('s')}")
             if label_key in record:
                 where = f"{where} ({label_key} {record[label_key]})"
             owner = parse_id(_require(record, owner_key), f"'{owner_key}'")
