@@ -83,3 +83,40 @@ def test_a_recipe_whose_cnn_is_not_frozen_is_refused_with_the_fix() -> None:
     recipe = TrainConfig(preset="test-tiny", model={"encoder": {"frozen": False}})
     with pytest.raises(ConfigError, match="set finetune_epochs"):
         recipe.model_configs(vocab_size=11)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "captions", "epochs", "patience", "min_count"),
+    [
+        (600, 600, 30, 7, 1),  # a few hundred images: many passes, every word kept
+        (7_041, 7_041, 8, 4, 1),  # a few thousand: the floor of 8 epochs
+        (400, 400, 40, 10, 1),  # very small: capped at 40 epochs
+        (590_000, 118_000 * 5, 8, 4, 5),  # COCO-sized: words seen fewer than 5 times dropped
+        (50_000, 50_000, 8, 4, 3),
+    ],
+)
+def test_the_automatic_recipe_follows_the_data_size(
+    pairs, captions, epochs, patience, min_count
+) -> None:
+    resolved = TrainConfig().resolved(pairs, captions)
+    assert (resolved.epochs, resolved.patience, resolved.data.min_count) == (
+        epochs,
+        patience,
+        min_count,
+    )
+
+
+def test_explicit_settings_win_over_the_automatic_recipe() -> None:
+    config = load_train_config(None, ["epochs=3", "patience=2", "data.min_count=4"])
+    resolved = config.resolved(pairs=600, captions=600)
+    assert (resolved.epochs, resolved.patience, resolved.data.min_count) == (3, 2, 4)
+
+
+def test_retrieval_is_on_for_the_default_preset_and_can_be_turned_off() -> None:
+    assert TrainConfig().model_configs(vocab_size=9)[0].retrieval_k == 5
+    assert TrainConfig(retrieval_k=0).model_configs(vocab_size=9)[0].retrieval_k == 0
+    assert TrainConfig(model={"retrieval_k": 2}).model_configs(vocab_size=9)[0].retrieval_k == 2
+    # Presets other than "default" keep their own model (the tiny test preset has none).
+    assert TrainConfig(preset="test-tiny").model_configs(vocab_size=9)[0].retrieval_k == 0
+    with pytest.raises(ConfigError, match="set retrieval_k = 0 to fine-tune"):
+        TrainConfig(finetune_epochs=1).model_configs(vocab_size=9)

@@ -227,3 +227,18 @@ def test_training_stops_when_a_large_share_of_the_data_is_skipped(
     assert not (tmp_path / "run" / "best").exists()
     # Opting in to a larger share trains on what is left.
     assert main(["train", "--config", str(config), "epochs=1", "data.max_skipped_share=0.2"]) == 0
+
+
+def test_retrieval_training_builds_a_caption_memory_of_the_train_items(tmp_path, manifest) -> None:
+    config = _config(tmp_path, manifest)
+    assert main(["train", "--config", str(config), "epochs=2", "model.retrieval_k=3"]) == 0
+    best = load_checkpoint(tmp_path / "run" / "best")
+    train_items = [line for line in manifest.read_text().splitlines() if '"split": "train"' in line]
+    assert best.model.config.retrieval_items == len(train_items)
+    assert best.model.retrieval is not None
+    keys = best.model.retrieval.keys.float()
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(len(keys)), rtol=0, atol=2e-3)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
