@@ -145,6 +145,11 @@ class ModelInfo(BaseModel):
     dtype: str = Field(examples=["float32"])
     encoder: str = Field(examples=["efficientnet_lite0"])
     vocab_size: int
+    retrieval_items: int = Field(
+        description="training items whose captions the model looks up for each input "
+        "(retrieval augmentation); 0 when it decodes from the picture alone",
+        examples=[0],
+    )
     preprocessing: dict[str, Any] = Field(description="how pixels become the model's input")
     options: dict[str, OptionRange] = Field(description="accepted request options")
     limits: dict[str, float | int] = Field(description="the service's limits (see README)")

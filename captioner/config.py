@@ -211,8 +211,8 @@ class TrainConfig:
     patience: int | None = None
     # Retrieval augmentation for models trained from the "default" preset: the decoder sees
     # the words of the k training captions nearest to the input (ModelConfig.retrieval_k).
-    # It beat the plain decoder and both retrieval baselines on every real split we measured;
-    # 0 trains the plain decoder. ``model.retrieval_k`` overrides it.
+    # On the emoji set it beat both retrieval baselines on every split and the plain decoder
+    # (MODEL_CARD.md); 0 trains the plain decoder. ``model.retrieval_k`` overrides it.
     retrieval_k: int = 5
     finetune_epochs: int = 0  # then train the CNN too, on pixels, for this many epochs
     finetune_lr: float = 1e-4
@@ -227,13 +227,15 @@ class TrainConfig:
     resume: bool = False  # continue from <out_dir>/last if it exists
     export: str | None = None  # also copy the best checkpoint here when training ends
 
-    def resolved(self, pairs: int, captions: int) -> TrainConfig:
-        """This recipe with its automatic settings (None) chosen from the data's size.
+    def resolved(self, train_items: Sequence[Any]) -> TrainConfig:
+        """This recipe with its automatic settings (None) chosen from the training set's size.
 
-        ``pairs`` is the number of (item, caption) pairs an epoch reads, ``captions`` the
-        number of distinct training captions. The choices are logged and saved in the
-        checkpoint's metadata, so a run says what it did.
+        The choices are logged and saved in the checkpoint's metadata, so a run says what it
+        did. ``train_items`` are CaptionItems; a video's captions count ``video_repeats`` times.
         """
+        captions = sum(len(item.captions) for item in train_items)
+        repeats = self.data.video_repeats
+        pairs = sum(len(i.captions) * (repeats if i.kind == "video" else 1) for i in train_items)
         epochs = self.epochs
         if epochs is None:
             epochs = min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, -(-AUTO_PAIRS // max(1, pairs))))

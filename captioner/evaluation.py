@@ -247,10 +247,19 @@ def _cached_tensor(cache: FeatureCache | None, row: int) -> torch.Tensor:
 
 
 def check_cache_matches(cache: FeatureCache, captioner: Captioner) -> None:
-    """Raise unless ``cache`` was made with this model's encoder and preprocessing."""
-    model = captioner.model.config.encoder
-    wanted = json.loads(json.dumps([to_dict(model), to_dict(captioner.checkpoint.preprocess)]))
-    if [cache.meta.get("encoder"), cache.meta.get("preprocess")] != wanted:
+    """Raise unless ``cache`` was made with this model's encoder and preprocessing.
+
+    A loaded checkpoint carries its CNN's weights, not where they came from (``pretrained`` is
+    None), so that field is not compared; a fine-tuned CNN is told apart by ``frozen``.
+    """
+
+    def comparable(encoder: Any, preprocess: Any) -> list[Any]:
+        encoder = {k: v for k, v in dict(encoder or {}).items() if k != "pretrained"}
+        return json.loads(json.dumps([encoder, preprocess]))
+
+    model = to_dict(captioner.model.config.encoder)
+    wanted = comparable(model, to_dict(captioner.checkpoint.preprocess))
+    if comparable(cache.meta.get("encoder"), cache.meta.get("preprocess")) != wanted:
         raise DatasetError(
             f"{cache.folder}: the feature cache was made with another encoder or preprocessing "
             "than this model's; extract it again for this model, or leave --features out"

@@ -317,6 +317,8 @@ class Captioner:
             "dtype": str(self.dtype).removeprefix("torch."),
             "encoder": self.model.config.encoder.name,
             "vocab_size": len(self.vocab),
+            # Training items in the caption memory a retrieval-augmented model looks up; 0: none.
+            "retrieval_items": self.model.config.retrieval_items,
             "preprocess": vars(self.checkpoint.preprocess),
             "decoding_defaults": vars(self.checkpoint.decoding),
         }

@@ -47,7 +47,6 @@ from captioner.data.items import CaptionItem
 from captioner.data.training_data import CachedFeaturePairs, PixelPairs, make_collate, read_splits
 from captioner.decoding import generate
 from captioner.device import Runtime, resolve_precision, setup_runtime
-from captioner.encoder import pooled_embedding
 from captioner.errors import ConfigError
 from captioner.evaluation import coco_metrics, scene_accuracy
 from captioner.memory import attach_memory
@@ -147,15 +146,10 @@ def train(config: TrainConfig) -> Path:
     _maybe_generate(config, runtime)
     train_items, val_items = read_splits(config.data)
     log.info("%d training items, %d validation items", len(train_items), len(val_items))
-    captions = sum(len(item.captions) for item in train_items)
-    repeats = config.data.video_repeats
-    pair_count = sum(len(i.captions) * (repeats if i.kind == "video" else 1) for i in train_items)
-    config = config.resolved(pair_count, captions)
-    log.info(
-        "recipe for %d caption pairs: %d epochs, patience %d, min_count %d, retrieval_k %s",
-        pair_count, config.epochs, config.patience, config.data.min_count,
-        config.model.get("retrieval_k", config.retrieval_k if config.preset == "default" else 0),
-    )  # fmt: skip
+    config = config.resolved(train_items)
+    retrieval_k = config.model_configs(1)[0].retrieval_k  # also refuses a bad recipe early
+    recipe = (config.epochs, config.patience, config.data.min_count, retrieval_k)
+    log.info("recipe: %d epochs, patience %d, min_count %d, retrieval_k %d", *recipe)
 
     # The model, its vocab and preprocessing travel together, as a checkpoint does.
     resume = config.resume and (out / "last" / CONFIG_FILE).exists()
@@ -193,7 +187,7 @@ def train(config: TrainConfig) -> Path:
             train_items, checkpoint.vocab, data.max_caption_length, cache, data.video_repeats
         )
         if checkpoint.model.config.retrieval_k and not resume:
-            _fill_memory(checkpoint.model, pairs, runtime.device)
+            attach_memory(checkpoint.model, *pairs.memory_rows(checkpoint.model.config.encoder))
         phase = Phase(pairs, cache, config.lr, config.batch_size, num_workers=0, resume=resume)
         _run_phase(config, runtime, checkpoint, phase, state, val_items)
 
@@ -230,21 +224,6 @@ def train(config: TrainConfig) -> Path:
         log.info("done: %s", summary)
     runtime.barrier()
     return out / "best"
-
-
-@torch.no_grad()
-def _fill_memory(model: CaptionModel, pairs: CachedFeaturePairs, device: torch.device) -> None:
-    """The caption memory of a retrieval-augmented model: every kept training item, keyed by
-    the pooled embedding of its cached features, in the pairs' item order."""
-    keys = []
-    items = len(pairs.rows)
-    for start in range(0, items, 256):
-        chunk = [pairs.item_features(i) for i in range(start, min(items, start + 256))]
-        lengths = torch.tensor([len(c) for c in chunk], device=device)
-        padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
-        keys.append(pooled_embedding(padded, lengths, model.config.encoder))
-    attach_memory(model, torch.cat(keys), pairs.item_captions())
-    log.info("caption memory: %d items, %d words each at most", items, model.config.retrieval_words)
 
 
 def _run_phase(

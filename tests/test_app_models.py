@@ -15,6 +15,7 @@ def test_models_describes_model_preprocessing_options_and_limits(tiny_checkpoint
         "dtype": "float32",
     }
     assert model["preprocessing"]["image_size"] == 64
+    assert model["retrieval_items"] == 0  # the tiny model decodes from the picture alone
     assert model["preprocessing"]["num_frames"] == 8
     low, high = DecodingOptions.LIMITS["beam_size"]
     assert model["options"]["beam_size"] == {"min": low, "max": high, "default": 3}

@@ -11,6 +11,7 @@ from captioner.config import (
     preset,
     to_dict,
 )
+from captioner.data.items import CaptionItem
 from captioner.errors import ConfigError, InvalidOptionError
 
 
@@ -91,14 +92,16 @@ def test_a_recipe_whose_cnn_is_not_frozen_is_refused_with_the_fix() -> None:
         (600, 600, 30, 7, 1),  # a few hundred images: many passes, every word kept
         (7_041, 7_041, 8, 4, 1),  # a few thousand: the floor of 8 epochs
         (400, 400, 40, 10, 1),  # very small: capped at 40 epochs
-        (590_000, 118_000 * 5, 8, 4, 5),  # COCO-sized: words seen fewer than 5 times dropped
+        (590_000, 590_000, 8, 4, 5),  # COCO-sized: words seen fewer than 5 times dropped
         (50_000, 50_000, 8, 4, 3),
     ],
 )
 def test_the_automatic_recipe_follows_the_data_size(
     pairs, captions, epochs, patience, min_count
 ) -> None:
-    resolved = TrainConfig().resolved(pairs, captions)
+    per_item = captions // pairs if captions >= pairs else 1
+    items = [_item(per_item)] * (pairs // per_item)
+    resolved = TrainConfig().resolved(items)
     assert (resolved.epochs, resolved.patience, resolved.data.min_count) == (
         epochs,
         patience,
@@ -108,7 +111,7 @@ def test_the_automatic_recipe_follows_the_data_size(
 
 def test_explicit_settings_win_over_the_automatic_recipe() -> None:
     config = load_train_config(None, ["epochs=3", "patience=2", "data.min_count=4"])
-    resolved = config.resolved(pairs=600, captions=600)
+    resolved = config.resolved([_item(1)] * 600)
     assert (resolved.epochs, resolved.patience, resolved.data.min_count) == (3, 2, 4)
 
 
@@ -120,3 +123,12 @@ def test_retrieval_is_on_for_the_default_preset_and_can_be_turned_off() -> None:
     assert TrainConfig(preset="test-tiny").model_configs(vocab_size=9)[0].retrieval_k == 0
     with pytest.raises(ConfigError, match="set retrieval_k = 0 to fine-tune"):
         TrainConfig(finetune_epochs=1).model_configs(vocab_size=9)
+
+
+def _item(captions: int, kind: str = "image") -> CaptionItem:
+    return CaptionItem("x", (), kind, ("a caption",) * captions, "train")
+
+
+def test_the_automatic_epochs_count_video_captions_as_often_as_they_are_read() -> None:
+    config = load_train_config(None, ["data.video_repeats=3"])
+    assert config.resolved([_item(1, "video")] * 200).epochs == 30  # 600 pairs a pass

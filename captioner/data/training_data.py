@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from captioner.config import DataConfig, PreprocessConfig
+from captioner.config import DataConfig, EncoderConfig, PreprocessConfig
 from captioner.data.features import FeatureCache, MediaDataset
 from captioner.data.items import CaptionItem
 from captioner.data.readers import ReadResult, check_skipped, load_dataset
+from captioner.encoder import pooled_embedding
 from captioner.errors import ConfigError, DatasetError
 from captioner.vocab import Vocab
 
@@ -92,17 +93,23 @@ class CachedFeaturePairs(CaptionPairs):
         features = self.cache.features(self.rows[item_index])
         return torch.from_numpy(np.asarray(features, dtype=np.float32)), tokens, item_index
 
-    def item_features(self, item_index: int) -> torch.Tensor:
-        """The cached encoder features (T, D) of the ``item_index``-th kept item."""
-        features = self.cache.features(self.rows[item_index])
-        return torch.from_numpy(np.asarray(features, dtype=np.float32))
-
-    def item_captions(self) -> list[list[list[int]]]:
-        """Each kept item's captions as token ids, in item order (a caption memory's rows)."""
+    @torch.no_grad()
+    def memory_rows(self, encoder: EncoderConfig) -> tuple[torch.Tensor, list[list[list[int]]]]:
+        """A caption memory's rows, one per kept item in item order (``Batch.items`` indexes
+        them): pooled embeddings of the cached features (P, E) and the captions' token ids."""
+        keys = []
+        for start in range(0, len(self.rows), 256):
+            chunk = [
+                torch.from_numpy(np.asarray(self.cache.features(row), dtype=np.float32))
+                for row in self.rows[start : start + 256]
+            ]
+            lengths = torch.tensor([len(c) for c in chunk])
+            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
+            keys.append(pooled_embedding(padded, lengths, encoder))
         captions: list[list[list[int]]] = [[] for _ in self.rows]
         for item_index, tokens in self.pairs:
             captions[item_index].append(tokens)
-        return captions
+        return torch.cat(keys), captions
 
 
 class PixelPairs(CaptionPairs):
