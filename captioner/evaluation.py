@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from captioner.config import DecodingOptions, to_dict
 from captioner.data.items import CaptionItem
@@ -221,7 +220,7 @@ def predict(
     bar = tqdm(total=len(items), disable=not progress, desc="evaluate", unit="item")
     for start in range(0, len(cached), batch_size):
         batch = cached[start : start + batch_size]
-        record(batch, [_cached_tensor(features, position[i.id]) for i in batch], True)
+        record(batch, [features.tensor(position[i.id]) for i in batch], True)  # type: ignore[union-attr]
         bar.update(len(batch))
     loader = DataLoader(
         MediaDataset(to_load, captioner.checkpoint.preprocess),
@@ -239,11 +238,6 @@ def predict(
         bar.update(len(loaded))
     bar.close()
     return result
-
-
-def _cached_tensor(cache: FeatureCache | None, row: int) -> torch.Tensor:
-    assert cache is not None
-    return torch.from_numpy(np.asarray(cache.features(row), dtype=np.float32))
 
 
 def check_cache_matches(cache: FeatureCache, captioner: Captioner) -> None:

@@ -249,24 +249,31 @@ class Captioner:
         """Pooled encoder embeddings (N, E) of frame sequences, or of cached encoder outputs."""
         rows = []
         for start in range(0, len(sequences), self.max_batch_size):
-            chunk = list(sequences[start : start + self.max_batch_size])
-            lengths = torch.tensor([len(s) for s in chunk], device=self.device)
-            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(self.device)
             with self._autocast():
-                encoded = padded if features else self.model.frame_features(padded, lengths)
-                embedded = pooled_embedding(encoded, lengths, self.model.config.encoder)
+                _, _, embedded = self._encode(
+                    sequences[start : start + self.max_batch_size], features
+                )
             rows.append(embedded.float().cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    def _encode(
+        self, sequences: Sequence[torch.Tensor], features: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pad a batch and run the CNN on it (unless it is cached features already).
+
+        Returns lengths (B,), encoder outputs (B, T, D) and pooled embeddings (B, E).
+        """
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        padded = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
+        padded = padded.to(self.device, non_blocking=True)  # (B, T, 3, S, S) or (B, T, D)
+        encoded = padded if features else self.model.frame_features(padded, lengths)
+        return lengths, encoded, pooled_embedding(encoded, lengths, self.model.config.encoder)
 
     def _caption_chunk(
         self, sequences: Sequence[torch.Tensor], options: list[DecodingOptions], features: bool
     ) -> tuple[list[list[Caption]], np.ndarray]:
-        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
-        padded = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
-        padded = padded.to(self.device, non_blocking=True)  # (B, T, 3, S, S) or (B, T, D)
         with self._autocast():
-            encoded = padded if features else self.model.frame_features(padded, lengths)
-            embedded = pooled_embedding(encoded, lengths, self.model.config.encoder)
+            lengths, encoded, embedded = self._encode(sequences, features)
             visual = self.model.encode(lengths, features=encoded)  # one row per sequence
             results: list[list[Caption]] = [[] for _ in sequences]
             groups: dict[DecodingOptions, list[int]] = {}

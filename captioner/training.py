@@ -367,10 +367,7 @@ def validate(
         if features is not None:
             position = features.position()
             chunk = [item for item in chunk if item.id not in features.failed]
-            tensors = [
-                torch.from_numpy(np.asarray(features.features(position[i.id]), dtype=np.float32))
-                for i in chunk
-            ]
+            tensors = [features.tensor(position[i.id]) for i in chunk]
         else:
             dataset = MediaDataset(chunk, preprocess)
             loaded = [dataset[i] for i in range(len(chunk))]

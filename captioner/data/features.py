@@ -122,6 +122,10 @@ class FeatureCache:
         start = int(self.offsets[index])
         return self.array[start : start + int(self.lengths[index])]
 
+    def tensor(self, index: int) -> torch.Tensor:
+        """(T, D) float32 features of the item at ``index``, as the model reads them."""
+        return torch.from_numpy(np.asarray(self.features(index), dtype=np.float32))
+
 
 def _plan(
     items: Sequence[CaptionItem], encoder: EncoderConfig, preprocess: PreprocessConfig

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -90,8 +89,7 @@ class CachedFeaturePairs(CaptionPairs):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], int]:
         item_index, tokens = self.pairs[i]
-        features = self.cache.features(self.rows[item_index])
-        return torch.from_numpy(np.asarray(features, dtype=np.float32)), tokens, item_index
+        return self.cache.tensor(self.rows[item_index]), tokens, item_index
 
     @torch.no_grad()
     def memory_rows(self, encoder: EncoderConfig) -> tuple[torch.Tensor, list[list[list[int]]]]:
@@ -99,10 +97,7 @@ class CachedFeaturePairs(CaptionPairs):
         them): pooled embeddings of the cached features (P, E) and the captions' token ids."""
         keys = []
         for start in range(0, len(self.rows), 256):
-            chunk = [
-                torch.from_numpy(np.asarray(self.cache.features(row), dtype=np.float32))
-                for row in self.rows[start : start + 256]
-            ]
+            chunk = [self.cache.tensor(row) for row in self.rows[start : start + 256]]
             lengths = torch.tensor([len(c) for c in chunk])
             padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
             keys.append(pooled_embedding(padded, lengths, encoder))
