@@ -144,6 +144,10 @@ class ModelInfo(BaseModel):
     device: str = Field(examples=["cpu"])
     dtype: str = Field(examples=["float32"])
     encoder: str = Field(examples=["efficientnet_lite0"])
+    encoder_runtime: str = Field(
+        description="what runs the CNN: onnxruntime (CPUs, when it works) or torch",
+        examples=["onnxruntime"],
+    )
     vocab_size: int
     retrieval_items: int = Field(
         description="training items whose captions the model looks up for each input "

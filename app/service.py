@@ -110,12 +110,13 @@ class CaptionService:
         self.metrics.ready.set(1)
         c = self.captioner
         log.info(
-            "ready in %.2f s: model %s v%s on %s (%s)",
+            "ready in %.2f s: model %s v%s on %s (%s, CNN on %s)",
             time.perf_counter() - started,
             c.name,
             c.version,
             c.device,
             str(c.dtype).removeprefix("torch."),
+            c.describe()["encoder_runtime"],
         )
 
     def _load(self) -> Captioner:
@@ -126,6 +127,7 @@ class CaptionService:
             precision=s.precision,
             num_threads=s.torch_threads,
             max_batch_size=s.max_batch_size,
+            encoder_runtime=s.encoder_runtime,
         )
         if s.compile:
             captioner.compile()

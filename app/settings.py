@@ -29,7 +29,14 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, bf16/fp16 autocast on CUDA"
     )
-    compile: bool = Field(False, description="torch.compile the encoder at start-up")
+    encoder_runtime: Literal["auto", "torch"] = Field(
+        "auto",
+        description="auto = the CNN on ONNX Runtime on CPUs (exported once per model into "
+        "CAPTIONER_CACHE_DIR, falling back to PyTorch with a log line); torch = always PyTorch",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the encoder at start-up (when it runs in PyTorch)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for the model; unset = the CPUs this process may use"
     )

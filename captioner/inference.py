@@ -36,6 +36,7 @@ from captioner.media import (
     open_image,
     read_video,
 )
+from captioner.onnx_encoder import OnnxEncoder, fast_encoder
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Captioner:
         precision: str = "auto",
         name: str = "captioner",
         max_batch_size: int = 32,
+        encoder_runtime: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_precision(self.device, precision)
@@ -89,6 +91,11 @@ class Captioner:
         self.name = str(checkpoint.metadata.get("name", name))
         self.version = str(checkpoint.metadata.get("version", "0"))
         self.max_batch_size = max_batch_size
+        # The CNN that pixels go through: ONNX Runtime on CPUs where it works (see
+        # onnx_encoder), else the model's own encoder; compile() may wrap it.
+        self.cnn: torch.nn.Module = fast_encoder(
+            self.model.encoder, checkpoint.preprocess.image_size, self.device, encoder_runtime
+        )
         self._eager_encoder: torch.nn.Module | None = None  # set by compile()
 
     @classmethod
@@ -100,6 +107,7 @@ class Captioner:
         precision: str = "auto",
         num_threads: int | None = None,
         max_batch_size: int = 32,
+        encoder_runtime: str = "auto",
     ) -> Captioner:
         """Load a checkpoint folder; ``None`` loads the default model shipped with the package."""
         if path is None:
@@ -118,6 +126,7 @@ class Captioner:
             precision=precision,
             name=Path(path).name,
             max_batch_size=max_batch_size,
+            encoder_runtime=encoder_runtime,
         )
 
     # -- options -------------------------------------------------------------------------
@@ -166,8 +175,11 @@ class Captioner:
         Compilation happens on the first call, so ``warm_up`` next; if it fails there, the
         warm-up logs why and goes back to the eager CNN.
         """
-        self._eager_encoder = self.model.encoder
-        self.model.encoder = torch.compile(self.model.encoder)
+        if isinstance(self.cnn, OnnxEncoder):
+            log.info("the CNN runs on ONNX Runtime, which needs no torch.compile: skipping it")
+            return
+        self._eager_encoder = self.cnn
+        self.cnn = torch.compile(self.cnn)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the shapes serving will use (images in ``batch_sizes``, a clip, a clip beside an
@@ -179,7 +191,7 @@ class Captioner:
             if self._eager_encoder is None:
                 raise
             log.warning("torch.compile failed; serving the eager encoder", exc_info=True)
-            self.model.encoder, self._eager_encoder = self._eager_encoder, None
+            self.cnn, self._eager_encoder = self._eager_encoder, None
             self._run_warm_up(batch_sizes)
         log.info("warm-up took %.2f s", time.perf_counter() - started)
 
@@ -266,7 +278,7 @@ class Captioner:
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         padded = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True)
         padded = padded.to(self.device, non_blocking=True)  # (B, T, 3, S, S) or (B, T, D)
-        encoded = padded if features else self.model.frame_features(padded, lengths)
+        encoded = padded if features else self.model.frame_features(padded, lengths, self.cnn)
         return lengths, encoded, pooled_embedding(encoded, lengths, self.model.config.encoder)
 
     def _caption_chunk(
@@ -323,6 +335,7 @@ class Captioner:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "encoder": self.model.config.encoder.name,
+            "encoder_runtime": "onnxruntime" if isinstance(self.cnn, OnnxEncoder) else "torch",
             "vocab_size": len(self.vocab),
             # Training items in the caption memory a retrieval-augmented model looks up; 0: none.
             "retrieval_items": self.model.config.retrieval_items,

@@ -246,14 +246,20 @@ class CaptionModel(nn.Module):
         self.hint = nn.Linear(config.vocab_size, config.visual_dim) if config.retrieval_k else None
         self.frame_chunk = 16  # frames per CNN call; a runtime setting, not part of the config
 
-    def frame_features(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, T, 3, H, W) -> CNN features (B, T, D), running the CNN on real frames only."""
+    def frame_features(
+        self, frames: torch.Tensor, lengths: torch.Tensor, encoder: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Pixels (B, T, 3, H, W) -> CNN features (B, T, D), running the CNN on real frames only.
+
+        ``encoder`` replaces ``self.encoder`` for inference (a compiled or ONNX Runtime copy).
+        """
+        encoder = encoder or self.encoder
         batch, steps = frames.shape[:2]
         valid = frame_mask(lengths, steps)  # (B, T)
         # TimeDistributed over the real frames, a few at a time: large CNN batches cost more
         # per frame on CPUs and hold every activation map of every frame at once.
         real = frames[valid]
-        flat = torch.cat([self.encoder(part) for part in real.split(self.frame_chunk)])  # (n, D)
+        flat = torch.cat([encoder(part) for part in real.split(self.frame_chunk)])  # (n, D)
         features = flat.new_zeros(batch, steps, flat.shape[-1])
         features[valid] = flat
         return features

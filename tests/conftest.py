@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import av
@@ -14,6 +15,7 @@ from PIL import Image
 from captioner.checkpoint import Checkpoint, save_checkpoint
 from captioner.config import preset
 from captioner.model import CaptionModel, create_model
+from captioner.onnx_encoder import CACHE_ENV
 from captioner.vocab import Vocab
 
 TINY_CAPTIONS = [
@@ -22,6 +24,14 @@ TINY_CAPTIONS = [
     "a green star moves to the right",
     "a yellow triangle grows",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported encoders go to this session's folder (servers started by tests inherit it)."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def test_compile_setting_compiles_the_encoder(tiny_checkpoint, monkeypatch) -> N
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    app = create_app(tiny_settings(tiny_checkpoint, compile=True))
+    app = create_app(tiny_settings(tiny_checkpoint, compile=True, encoder_runtime="torch"))
     with ready_client(app) as client:
         assert post_image(client).status_code == 200
     assert len(compiled) == 1 and compiled[0] is app.state.service.captioner.model.encoder
@@ -76,10 +76,10 @@ def test_a_compile_that_fails_falls_back_to_eager(tiny_checkpoint, monkeypatch) 
             raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", lambda module: Broken())
-    app = create_app(tiny_settings(tiny_checkpoint, compile=True))
+    app = create_app(tiny_settings(tiny_checkpoint, compile=True, encoder_runtime="torch"))
     with ready_client(app) as client:
         assert post_image(client).status_code == 200
-    assert not isinstance(app.state.service.captioner.model.encoder, Broken)
+    assert not isinstance(app.state.service.captioner.cnn, Broken)
 
 
 def test_per_request_timeout_is_504_and_leaks_nothing(tiny_checkpoint) -> None:

@@ -27,6 +27,7 @@ LAYERS = {
         "model",
         "memory",
         "encoder",
+        "onnx_encoder",
         "weights",
         "decoding",
         "media",

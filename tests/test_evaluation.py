@@ -132,7 +132,7 @@ def test_evaluation_from_a_feature_cache_skips_the_cnn_and_agrees(
     )  # fmt: skip
     direct = predict(captioner, items, num_workers=0)
     calls = []
-    captioner.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    captioner.cnn.register_forward_hook(lambda *_: calls.append(1))
     cached = predict(captioner, items, features=cache, num_workers=0)
     assert calls == []
     assert cached.captions == direct.captions

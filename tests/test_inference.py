@@ -120,11 +120,11 @@ def test_a_compiled_cnn_that_fails_in_warm_up_goes_back_to_eager(
         def forward(self, *args):
             raise RuntimeError("no compiler here")
 
-    captioner = Captioner.load(tiny_checkpoint, device="cpu")
-    eager = captioner.model.encoder
+    captioner = Captioner.load(tiny_checkpoint, device="cpu", encoder_runtime="torch")
+    eager = captioner.cnn
     monkeypatch.setattr(torch, "compile", lambda module: Broken())
     captioner.compile()
-    assert isinstance(captioner.model.encoder, Broken)
+    assert isinstance(captioner.cnn, Broken)
     captioner.warm_up()
-    assert captioner.model.encoder is eager
+    assert captioner.cnn is eager
     assert "torch.compile failed" in caplog.text

@@ -50,6 +50,7 @@ async def models(service: ReadyServiceDep, settings: SettingsDep) -> ModelsRespo
         device=info["device"],
         dtype=info["dtype"],
         encoder=info["encoder"],
+        encoder_runtime=info["encoder_runtime"],
         vocab_size=info["vocab_size"],
         retrieval_items=info["retrieval_items"],
         preprocessing=info["preprocess"],

@@ -27,6 +27,7 @@ from captioner.data.items import CaptionItem
 from captioner.encoder import ImageEncoder
 from captioner.errors import CaptionerError, DatasetError
 from captioner.media import Preprocessor, load_image, read_video, sample_indices
+from captioner.onnx_encoder import fast_encoder
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def extract_features(
 
     device = torch.device(device)
     encoder = encoder.to(device).eval()
+    cnn = fast_encoder(encoder, preprocess.image_size, device)  # ONNX Runtime on CPUs
     loader = DataLoader(
         MediaDataset(items, preprocess, start=state["done"]),
         # Items per loader batch: about ``batch_frames`` frames when half of them are videos.
@@ -223,7 +225,7 @@ def extract_features(
             if good:
                 pixels = torch.cat([p for _, p in good]).to(device)
                 features = (
-                    torch.cat([encoder(chunk) for chunk in pixels.split(batch_frames)])
+                    torch.cat([cnn(chunk) for chunk in pixels.split(batch_frames)])
                     .float()
                     .cpu()
                     .numpy()
