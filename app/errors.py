@@ -27,6 +27,7 @@ from captioner.errors import (
     InvalidMediaError,
     InvalidOptionError,
     MediaTooLargeError,
+    TagsUnavailableError,
 )
 
 log = logging.getLogger("app.errors")
@@ -55,6 +56,9 @@ ERROR_TYPES: dict[str, ErrorType] = {
     "unsupported_media_type": ErrorType(415, "The Content-Type is not one this endpoint takes."),
     "invalid_parameter": ErrorType(
         422, "An option or field is missing, malformed or out of range; `param` names it."
+    ),
+    "tags_unavailable": ErrorType(
+        422, "Tags were asked of a model that cannot give them (see `tags` in GET /v1/models)."
     ),
     "overloaded": ErrorType(429, "The queue is full; retry after the Retry-After header."),
     "internal_error": ErrorType(500, "An unexpected error; it is logged with the request id."),
@@ -131,6 +135,8 @@ def from_exception(
         return ApiError("not_ready", str(exc), headers=retry)
     if isinstance(exc, TooManyFrames):
         return ApiError("too_many_frames", str(exc), param="num_frames")
+    if isinstance(exc, TagsUnavailableError):
+        return ApiError("tags_unavailable", str(exc), param="tags")
     if isinstance(exc, InvalidOptionError):
         return ApiError("invalid_parameter", str(exc), param=exc.param or param)
     if isinstance(exc, MediaTooLargeError):

@@ -35,6 +35,7 @@ class CaptionOptions(BaseModel):
     length_penalty: float | None = _option(
         "length_penalty", "ranking: log_prob / length**length_penalty", 1.0
     )
+    tags: int | None = _option("tags", "top ImageNet classes returned beside the captions", 5)
 
     def decoding(self) -> dict[str, Any]:
         """The options given, as keyword arguments for ``Captioner.options``."""
@@ -69,6 +70,33 @@ class CaptionText(BaseModel):
     log_prob: float = Field(description="total log-probability of the caption", examples=[-4.21])
 
 
+class TagOut(BaseModel):
+    name: str = Field(description="the ImageNet-1k class", examples=["tabby, tabby cat"])
+    wordnet_id: str = Field(examples=["n02123045"])
+    probability: float = Field(examples=[0.28])
+
+
+class DomainFields(BaseModel):
+    """Whether the input looks like the model's training data, and the tags asked for."""
+
+    tags: list[TagOut] = Field(
+        default_factory=list, description="top ImageNet classes (when `tags` > 0), best first"
+    )
+    in_domain: bool | None = Field(
+        description="false: the input is unlike the training data and the caption is probably "
+        "wrong; null: the model has no summary of its training data to tell",
+        examples=[True],
+    )
+    domain_score: float | None = Field(
+        description="distance from the training data, in units of the calibrated threshold "
+        "(at most 1 is in domain)",
+        examples=[0.42],
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="plain-words warnings, e.g. out of domain"
+    )
+
+
 class Timings(BaseModel):
     """Milliseconds spent: waiting for a batch, decoding media, in the model, and overall."""
 
@@ -93,7 +121,7 @@ class VideoInput(BaseModel):
     height: int | None = Field(examples=[240])
 
 
-class ImageCaptionResponse(BaseModel):
+class ImageCaptionResponse(DomainFields):
     id: str = Field(description="the request id (also the X-Request-ID header)")
     model: ModelRef
     caption: str = Field(description="the best caption", examples=["a red circle"])
@@ -102,7 +130,7 @@ class ImageCaptionResponse(BaseModel):
     timings_ms: Timings
 
 
-class VideoCaptionResponse(BaseModel):
+class VideoCaptionResponse(DomainFields):
     id: str
     model: ModelRef
     caption: str = Field(examples=["a green star moves to the right"])
@@ -111,7 +139,7 @@ class VideoCaptionResponse(BaseModel):
     timings_ms: Timings
 
 
-class BatchCaption(BaseModel):
+class BatchCaption(DomainFields):
     index: int = Field(description="position of the image in the request")
     caption: str
     captions: list[CaptionText]
@@ -149,6 +177,15 @@ class ModelInfo(BaseModel):
         examples=["onnxruntime"],
     )
     vocab_size: int
+    tags: bool = Field(description="whether the `tags` option works with this model")
+    tags_unavailable: str | None = Field(
+        None, description="why not, when it does not", examples=[None]
+    )
+    domain: str | None = Field(
+        description="what the model was trained to describe; null when it cannot tell "
+        "in-domain inputs from others",
+        examples=["generated scenes: coloured shapes on plain backgrounds, still or moving"],
+    )
     retrieval_items: int = Field(
         description="training items whose captions the model looks up for each input "
         "(retrieval augmentation); 0 when it decodes from the picture alone",

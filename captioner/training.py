@@ -47,6 +47,8 @@ from captioner.data.items import CaptionItem
 from captioner.data.training_data import CachedFeaturePairs, PixelPairs, make_collate, read_splits
 from captioner.decoding import generate
 from captioner.device import Runtime, resolve_precision, setup_runtime
+from captioner.domain import attach_domain
+from captioner.encoder import frame_embeddings
 from captioner.errors import ConfigError
 from captioner.evaluation import coco_metrics, scene_accuracy
 from captioner.memory import attach_memory
@@ -188,6 +190,8 @@ def train(config: TrainConfig) -> Path:
         )
         if checkpoint.model.config.retrieval_k and not resume:
             attach_memory(checkpoint.model, *pairs.memory_rows(checkpoint.model.config.encoder))
+        if config.domain_rank and not resume:
+            _fit_domain(checkpoint.model, cache, train_items, val_items, config)
         phase = Phase(pairs, cache, config.lr, config.batch_size, num_workers=0, resume=resume)
         _run_phase(config, runtime, checkpoint, phase, state, val_items)
 
@@ -196,6 +200,10 @@ def train(config: TrainConfig) -> Path:
         if state.phase == "frozen":
             checkpoint = load_checkpoint(out / "best")
             checkpoint.model.to(runtime.device).encoder.set_frozen(False)
+            if checkpoint.model.domain is not None:
+                # The summary describes the frozen CNN's features, which fine-tuning changes.
+                log.warning("fine-tuning the CNN: the model will not report in_domain")
+                checkpoint.model.domain, checkpoint.model.config.domain_rank = None, 0
             state.begin("finetune")
             resume = False  # the optimizer saved in last/ is the frozen phase's
         if _unfinished(config, state):
@@ -339,6 +347,41 @@ def _run_phase(
         if runtime.broadcast_flag(stop):
             state.stopped = True  # on every rank, not only where it was decided
             break
+
+
+DOMAIN_FIT_ITEMS = 20_000  # items whose frames fit the domain summary (a seeded sample)
+
+
+def _fit_domain(
+    model: CaptionModel,
+    cache: FeatureCache,
+    train_items: Sequence[CaptionItem],
+    held_out: Sequence[CaptionItem],
+    config: TrainConfig,
+) -> None:
+    """Summarise the training inputs' features, calibrated on the validation items."""
+
+    def frames(items: Sequence[CaptionItem]) -> list[np.ndarray]:
+        position = cache.position()
+        kept = [i for i in items if i.id in position and i.id not in cache.failed]
+        if len(kept) > DOMAIN_FIT_ITEMS:
+            kept = random.Random(config.seed).sample(kept, DOMAIN_FIT_ITEMS)
+        encoder = model.config.encoder
+        return [
+            frame_embeddings(cache.tensor(position[i.id]).unsqueeze(0), encoder)[0].numpy()
+            for i in kept
+        ]
+
+    train = np.concatenate(frames(train_items))
+    summary = attach_domain(
+        model, train, frames(held_out), config.domain_rank, config.domain_quantile
+    )
+    log.info(
+        "domain summary: rank %d over %d training frames; in-domain threshold %.3f",
+        model.config.domain_rank,
+        len(train),
+        float(summary.threshold),
+    )
 
 
 def _visual_key(features: FeatureCache | None) -> str:

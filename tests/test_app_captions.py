@@ -20,7 +20,12 @@ from tests.app_support import (
 )
 from tests.conftest import make_video, png_bytes
 
-RESPONSE_KEYS = {"id", "model", "caption", "captions", "input", "timings_ms"}
+RESPONSE_KEYS = {"id", "model", "caption", "captions", "input", "timings_ms"} | {
+    "tags",
+    "in_domain",
+    "domain_score",
+    "warnings",
+}
 TIMING_KEYS = {"queue", "preprocess", "inference", "total"}
 
 

@@ -39,6 +39,7 @@ DOCUMENTED = {
     "too_many_frames": 413,
     "unsupported_media_type": 415,
     "invalid_parameter": 422,
+    "tags_unavailable": 422,
     "overloaded": 429,
     "internal_error": 500,
     "not_ready": 503,

@@ -48,7 +48,7 @@ def test_caption_endpoints_document_bodies_options_errors_and_examples(schema) -
     assert set(content) == {"multipart/form-data", "image/*", "application/json"}
     assert content["application/json"]["example"]["image_base64"]
     params = {p["name"]: p for p in image["parameters"]}
-    assert set(params) == {"beam_size", "num_captions", "max_length", "length_penalty"}
+    assert set(params) == {"beam_size", "num_captions", "max_length", "length_penalty", "tags"}
     beam = params["beam_size"]["schema"]["anyOf"][0]
     assert (beam["minimum"], beam["maximum"]) == (1, 10)
     assert params["beam_size"].get("examples") or params["beam_size"]["schema"].get("examples")

@@ -25,6 +25,10 @@ def test_models_describes_model_preprocessing_options_and_limits(tiny_checkpoint
         "max_length",
         "length_penalty",
         "num_frames",
+        "tags",
     }
+    # The tiny model's CNN is not EfficientNet-Lite0, and it was saved without a domain summary.
+    assert model["tags"] is False and "EfficientNet-Lite0" in model["tags_unavailable"]
+    assert model["domain"] is None
     assert model["options"]["num_frames"] == {"min": 1, "max": 12, "default": 8}
     assert model["limits"]["max_images"] == 4 and model["limits"]["max_image_bytes"] == 65536

@@ -28,6 +28,8 @@ LAYERS = {
         "memory",
         "encoder",
         "onnx_encoder",
+        "domain",
+        "tags",
         "weights",
         "decoding",
         "media",

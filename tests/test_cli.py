@@ -38,7 +38,10 @@ def test_caption_prints_one_json_line_per_good_input_and_one_error(
         str(tmp_path / "clip.mp4"),
     ]
     for line in lines:
-        assert set(line) == {"path", "caption", "captions", "seconds"}
+        assert set(line) == {
+            "path", "caption", "captions", "in_domain", "domain_score", "warnings", "seconds"
+        }  # fmt: skip
+        assert line["in_domain"] is None and line["warnings"] == []  # no domain summary
         assert len(line["captions"]) == 2
         assert line["caption"] == line["captions"][0]["text"]
         assert line["captions"][0]["log_prob"] <= 0 and line["seconds"] > 0

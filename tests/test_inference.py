@@ -33,7 +33,7 @@ def test_mixed_options_in_one_batch_match_separate_calls(captioner) -> None:
     mixed = captioner.caption_tensors(tensors, opts)
     separate = [captioner.caption_tensors([t], o)[0] for t, o in zip(tensors, opts, strict=True)]
     assert mixed == separate
-    assert [len(c) for c in mixed] == [1, 3, 1]
+    assert [len(r.captions) for r in mixed] == [1, 3, 1]
 
 
 def test_frames_and_video_paths(captioner, tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -17,6 +18,7 @@ from app.schemas import (
     CaptionText,
     ImageCaptionResponse,
     ModelRef,
+    TagOut,
     Timings,
     VideoCaptionResponse,
     VideoOptions,
@@ -28,6 +30,7 @@ router = APIRouter(prefix="/v1/captions", tags=["captions"])
 
 COMMON_ERRORS = (
     "invalid_request",
+    "tags_unavailable",
     "unauthorized",
     "payload_too_large",
     "unsupported_media_type",
@@ -176,9 +179,14 @@ def _answer(result: Captioned, started: float) -> dict[str, Any]:
     def ms(seconds: float) -> float:
         return round(seconds * 1000, 3)
 
+    found = result.result
     return {
         "caption": result.caption,
         "captions": [CaptionText(text=c.text, log_prob=c.log_prob) for c in result.captions],
+        "tags": [TagOut(**asdict(tag)) for tag in found.tags],
+        "in_domain": found.in_domain,
+        "domain_score": found.domain_score,
+        "warnings": found.warnings,
         "input": result.input,
         "timings_ms": Timings(
             queue=ms(result.queue_s),

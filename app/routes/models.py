@@ -24,7 +24,7 @@ LIMIT_SETTINGS = (
     "max_queue",
     "request_timeout_s",
 )
-REQUEST_OPTIONS = ("beam_size", "num_captions", "max_length", "length_penalty")
+REQUEST_OPTIONS = ("beam_size", "num_captions", "max_length", "length_penalty", "tags")
 
 
 @router.get(
@@ -52,6 +52,9 @@ async def models(service: ReadyServiceDep, settings: SettingsDep) -> ModelsRespo
         encoder=info["encoder"],
         encoder_runtime=info["encoder_runtime"],
         vocab_size=info["vocab_size"],
+        tags=info["tags"],
+        tags_unavailable=info["tags_unavailable"],
+        domain=info["domain"],
         retrieval_items=info["retrieval_items"],
         preprocessing=info["preprocess"],
         options=options,
