@@ -1,4 +1,5 @@
-"""Training-side subcommands: data generate, data emoji, features extract, train, evaluate."""
+"""Training-side subcommands: data generate, data emoji, features extract, domain fit, train,
+evaluate."""
 
 from __future__ import annotations
 
@@ -60,6 +61,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     extract.add_argument("--device", default="auto")
     extract.set_defaults(handler=_cmd_extract)
 
+    domain = commands.add_parser("domain", help="the summary that flags out-of-domain inputs")
+    fit = domain.add_subparsers(dest="domain_command", required=True).add_parser(
+        "fit",
+        help="give a checkpoint a summary of its training data (fitted on train, "
+        "calibrated on val)",
+    )
+    fit.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
+    fit.add_argument("--data", required=True, help="the data the model was trained on")
+    fit.add_argument("--root", type=Path, default=None, help="image/video root for JSON formats")
+    fit.add_argument("--out", type=Path, required=True, help="write the checkpoint here")
+    fit.add_argument(
+        "--describe", required=True, help="one sentence: what the model was trained to describe"
+    )
+    fit.add_argument("--features", type=Path, default=None, help="feature cache folder")
+    fit.add_argument("--max-items", type=int, default=20_000, help="training items sampled")
+    fit.add_argument("--rank", type=int, default=32, help="main directions kept")
+    fit.add_argument(
+        "--quantile", type=float, default=0.995, help="share of val items called in domain"
+    )
+    fit.set_defaults(handler=_cmd_domain_fit)
+
     train = commands.add_parser("train", help="train a model from a TOML/YAML config")
     train.add_argument("--config", type=Path, default=None, help="TOML or YAML training config")
     train.add_argument(
@@ -116,6 +138,26 @@ def _read(args: argparse.Namespace) -> list:
     result = load_dataset(args.data, root=args.root, split=args.split, on_error=args.on_error)
     hint = f"--max-skipped-share (now {args.max_skipped_share})"
     return check_skipped(result, args.max_skipped_share, allow_hint=hint).items
+
+
+def _cmd_domain_fit(args: argparse.Namespace) -> int:
+    from captioner.config import DataConfig
+    from captioner.inference import DEFAULT_MODEL_DIR
+    from captioner.training import fit_domain
+
+    root = str(args.root) if args.root else None
+    threshold = fit_domain(
+        args.model or DEFAULT_MODEL_DIR,
+        DataConfig(train=args.data, root=root),
+        args.out,
+        description=args.describe,
+        rank=args.rank,
+        quantile=args.quantile,
+        features=args.features,
+        max_items=args.max_items,
+    )
+    print(json.dumps({"model": str(args.out), "threshold": round(threshold, 4)}))
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

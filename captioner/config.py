@@ -225,6 +225,9 @@ class TrainConfig:
     # its rank (0 = none), and the share of held-out (validation) items it must call in domain.
     domain_rank: int = 32
     domain_quantile: float = 0.995
+    # One sentence on what the model describes, for /v1/models and out-of-domain warnings;
+    # None: "images and videos like <data.train>".
+    domain: str | None = None
     finetune_epochs: int = 0  # then train the CNN too, on pixels, for this many epochs
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 16

@@ -168,6 +168,8 @@ class Predictions:
     captions: dict[str, str] = field(default_factory=dict)  # id -> best caption ("" if none)
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (E,) unit vector
     errors: dict[str, str] = field(default_factory=dict)  # id -> why its media was unreadable
+    # id -> whether the input looks like the training data (models with a domain summary)
+    in_domain: dict[str, bool] = field(default_factory=dict)
 
 
 def predict(
@@ -211,7 +213,10 @@ def predict(
             captioned, embeddings = captioner.caption_and_embed(
                 tensors, options, features=from_features
             )
-            result.captions.update({i.id: c.caption for i, c in zip(batch, captioned, strict=True)})
+            for item, captioned_item in zip(batch, captioned, strict=True):
+                result.captions[item.id] = captioned_item.caption
+                if captioned_item.in_domain is not None:
+                    result.in_domain[item.id] = captioned_item.in_domain
         result.embeddings.update(zip((i.id for i in batch), embeddings, strict=True))
 
     bar = tqdm(total=len(items), disable=not progress, desc="evaluate", unit="item")
@@ -318,6 +323,9 @@ def evaluate(
     report.update(scene_accuracy(items, predictions))
     if errors:
         report["unreadable_items"] = len(errors)
+    if predicted.in_domain:  # how much of this set the model calls like its training data
+        flags = list(predicted.in_domain.values())
+        report["in_domain_share"] = round(sum(flags) / len(flags), 4)
     if pool_items is not None:
         pooled = [item for item in pool_items if item.captions]
         embedded = predict(captioner, pooled, embed_only=True, progress=progress, **kwargs)

@@ -41,7 +41,13 @@ from captioner.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from captioner.config import DecodingOptions, PreprocessConfig, TrainConfig, to_dict
+from captioner.config import (
+    DataConfig,
+    DecodingOptions,
+    PreprocessConfig,
+    TrainConfig,
+    to_dict,
+)
 from captioner.data.features import FeatureCache, MediaDataset, extract_features
 from captioner.data.items import CaptionItem
 from captioner.data.training_data import CachedFeaturePairs, PixelPairs, make_collate, read_splits
@@ -352,6 +358,49 @@ def _run_phase(
 DOMAIN_FIT_ITEMS = 20_000  # items whose frames fit the domain summary (a seeded sample)
 
 
+def domain_sentence(config: TrainConfig) -> str:
+    """What the model was trained to describe, in the words its checkpoint will carry."""
+    return config.domain or f"images and videos like those of {Path(config.data.train).name}"
+
+
+def fit_domain(
+    model_dir: str | Path,
+    data: DataConfig,
+    out: str | Path,
+    *,
+    description: str,
+    rank: int = 32,
+    quantile: float = 0.995,
+    features: str | Path | None = None,
+    max_items: int = DOMAIN_FIT_ITEMS,
+    seed: int = 0,
+) -> float:
+    """Give an existing checkpoint a domain summary of ``data``; write it to ``out``.
+
+    For checkpoints trained before summaries existed, or to describe a model's data anew. The
+    frozen CNN runs over (a seeded sample of) the training items and the validation items,
+    cached in ``features`` (default: ``out``/features). Returns the calibrated threshold.
+    """
+    checkpoint = load_checkpoint(model_dir)
+    model = checkpoint.model.eval()
+    if not model.config.encoder.frozen:
+        raise ConfigError("this model's CNN was fine-tuned; a domain summary needs a frozen CNN")
+    train_items, val_items = read_splits(data)
+    rng = random.Random(seed)
+    if len(train_items) > max_items:
+        train_items = rng.sample(train_items, max_items)
+    cache_dir = Path(features or Path(out) / "features")
+    extract_features(
+        train_items + val_items, model.encoder, checkpoint.preprocess, cache_dir, progress=True
+    )
+    cache = FeatureCache.open(cache_dir)
+    settings = TrainConfig(domain_rank=rank, domain_quantile=quantile, seed=seed)
+    _fit_domain(model, cache, train_items, val_items, settings)
+    metadata = {**checkpoint.metadata, "domain": description}
+    save_checkpoint(replace(checkpoint, metadata=metadata), out)
+    return float(model.domain.threshold)  # type: ignore[union-attr]
+
+
 def _fit_domain(
     model: CaptionModel,
     cache: FeatureCache,
@@ -451,6 +500,7 @@ def _save_model(
         "captioner_version": __version__,
         "data": {"train": config.data.train, "val": config.data.val or config.data.train},
         "validation": record,
+        "domain": domain_sentence(config),
         "train_config": to_dict(config),
     }
     save_checkpoint(replace(checkpoint, decoding=DecodingOptions(), metadata=metadata), folder)

@@ -1,7 +1,8 @@
 """The shipped default model, judged on a fresh held-out scenes set (a seed training never saw).
 
 Acceptance thresholds (issue 3): attribute accuracy (colour + shape of every object) >= 95% on
-one-object scenes and >= 85% on two-object scenes; motion accuracy >= 95%.
+one-object scenes and >= 85% on two-object scenes; motion accuracy >= 95%. Its domain flag
+(issue 8): at least 99% of the held-out scenes in domain, and at least 95% of real photos out.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def held_out(tmp_path_factory, captioner) -> dict:
     predicted = predict(captioner, items, captioner.options(), num_workers=0)
     assert predicted.errors == {}
     result = scene_accuracy(items, predicted.captions)
+    result["in_domain_share"] = sum(predicted.in_domain.values()) / len(items)
+    result["in_domain_clips"] = sum(predicted.in_domain[i.id] for i in items if i.kind == "video")
     print(json.dumps(result))
     assert result["scored_items"]["one_object"] >= 60
     assert result["scored_items"]["two_objects"] >= 70
@@ -54,6 +57,30 @@ def test_held_out_accuracy_meets_the_acceptance_thresholds(held_out) -> None:
     assert held_out["attribute_accuracy"]["one_object"] >= 0.95
     assert held_out["attribute_accuracy"]["two_objects"] >= 0.85
     assert held_out["motion_accuracy"] >= 0.95
+
+
+def test_held_out_scenes_are_in_domain(held_out) -> None:
+    assert held_out["in_domain_share"] >= 0.99  # clips and images together
+
+
+# scikit-image's bundled photographs (its synthetic test patterns are left out: not photos).
+PHOTOS = (
+    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
+    "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon",
+    "page", "retina", "rocket", "text",
+)  # fmt: skip
+
+
+def test_real_photos_are_flagged_out_of_domain(captioner) -> None:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    photos = [Image.fromarray(getattr(data, name)()) for name in PHOTOS]
+    results = captioner.caption_images(photos)
+    flagged = {name: r.domain_score for name, r in zip(PHOTOS, results, strict=True)}
+    print(json.dumps(flagged))
+    assert sum(r.in_domain is False for r in results) >= 0.95 * len(PHOTOS), flagged
+    assert all(r.warnings for r in results if r.in_domain is False)
 
 
 def test_cli_with_no_model_captions_the_sample_image_correctly(capsys) -> None:
