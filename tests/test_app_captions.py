@@ -452,3 +452,29 @@ def test_concurrent_requests_with_mixed_options_are_batched_and_each_right(
         registry = app.state.service.metrics.registry
         batches = registry.get_sample_value("captioner_batch_size_count")
         assert batches < len(option_sets)  # at least two requests shared one model call
+
+
+# -- tags and the domain flag -----------------------------------------------------------------
+
+
+def test_tags_from_a_model_without_a_classifier_are_a_clear_422(client, clip) -> None:
+    image = client.post("/v1/captions/image?tags=3", files={"image": ("a.png", png(1))})
+    body = assert_error(image, 422, "tags_unavailable", param="tags")
+    assert "EfficientNet-Lite0 ImageNet classifier" in body["message"]
+    batch = client.post("/v1/captions/images", data={"tags": "2"}, files=image_files(2))
+    assert_error(batch, 422, "tags_unavailable", param="tags")
+    with open(clip, "rb") as video:
+        answer = client.post("/v1/captions/video?tags=1", files={"video": ("c.mp4", video)})
+    assert_error(answer, 422, "tags_unavailable", param="tags")
+    assert_error(
+        client.post("/v1/captions/image?tags=21", files={"image": ("a.png", png(1))}),
+        422,
+        "invalid_parameter",
+        param="tags",
+    )
+
+
+def test_without_a_domain_summary_the_flag_is_null(client) -> None:
+    body = client.post("/v1/captions/image", files={"image": ("a.png", png(1))}).json()
+    assert body["in_domain"] is None and body["domain_score"] is None
+    assert body["tags"] == [] and body["warnings"] == []

@@ -123,3 +123,32 @@ def test_the_model_card_states_the_size_of_the_shipped_weights() -> None:
     assert f"{total / 1e6:.2f} M" in size
     for marker in ("<!-- results:start -->", "<!-- results:end -->"):
         assert card.count(marker) == 1, marker
+
+
+def test_the_service_answers_a_real_photo_with_true_tags_and_a_flag() -> None:
+    data = pytest.importorskip("skimage.data")
+    import io
+
+    from PIL import Image
+
+    from app.main import create_app
+    from tests.app_support import ready_client, tiny_settings
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, format="JPEG")
+    settings = tiny_settings(
+        DEFAULT_MODEL_DIR, max_image_bytes=1 << 20, max_pixels=1 << 20, max_batch_size=2
+    )
+    with ready_client(create_app(settings)) as client:
+        model = client.get("/v1/models").json()["models"][0]
+        assert model["tags"] is True and model["tags_unavailable"] is None
+        assert model["domain"].startswith("generated scenes")
+        answer = client.post(
+            "/v1/captions/image?tags=3", files={"image": ("chelsea.jpg", buffer.getvalue())}
+        )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["tags"][0]["name"] in {"Egyptian cat", "tabby, tabby cat", "tiger cat"}
+    assert len(body["tags"]) == 3
+    assert body["in_domain"] is False and body["domain_score"] > 1
+    assert "generated scenes" in body["warnings"][0]

@@ -1,0 +1,87 @@
+"""What tags and the domain flag cost: captioning latency with and without them, same model.
+
+Three set-ups of the same Captioner, timed in interleaved rounds (so that drift in the
+machine's speed hits them alike), on real photos prepared once (the CNN and decoding are timed,
+not JPEG decoding):
+
+* ``before``: the model without its domain summary, no tags: captioner as it was;
+* ``flag``: the domain flag on (every caption gets it), no tags: the default now;
+* ``tags``: the domain flag and ``tags=5``.
+
+Prints a JSON object and writes it to benchmarks/results/ (a measurement, not a test):
+
+    python benchmarks/bench_tags_domain.py [--batch-sizes 1 8] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captioner.inference import Captioner
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "brick", "moon")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tags_domain_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import skimage.data
+
+    captioner = Captioner.load(args.model, device="cpu")
+    summary = captioner.model.domain
+    if summary is None:
+        raise SystemExit("this model has no domain summary; run `captioner domain fit` first")
+    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    tensors = [captioner.prepare_image(photo)[0] for photo in photos]
+    setups = {
+        "before": (None, captioner.options()),
+        "flag": (summary, captioner.options()),
+        "tags": (summary, captioner.options(tags=5)),
+    }
+    report: dict = {
+        "machine": f"{platform.machine()}, {args.threads} torch threads, CPU",
+        "encoder_runtime": captioner.describe()["encoder_runtime"],
+        "rounds": args.rounds,
+        "seconds_per_call_median": {},
+    }
+    for batch_size in args.batch_sizes:
+        batch = (tensors * batch_size)[:batch_size]
+        times: dict[str, list[float]] = {name: [] for name in setups}
+        for round_index in range(args.rounds + 1):  # round 0 warms every set-up up
+            for name, (domain, options) in setups.items():
+                captioner.model.domain = domain
+                started = time.perf_counter()
+                captioner.caption_tensors(batch, options)
+                if round_index:
+                    times[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        report["seconds_per_call_median"][f"batch_{batch_size}"] = {
+            **{name: round(value, 5) for name, value in medians.items()},
+            "flag_vs_before": round(medians["flag"] / medians["before"] - 1, 4),
+            "tags_vs_flag": round(medians["tags"] / medians["flag"] - 1, 4),
+            "spread_before": round(
+                (max(times["before"]) - min(times["before"])) / medians["before"], 4
+            ),
+        }
+    captioner.model.domain = summary
+    print(json.dumps(report, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
