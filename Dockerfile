@@ -46,6 +46,12 @@ USER 10001:10001
 WORKDIR /home/captioner
 EXPOSE 8000
 
+# On CPUs the CNN runs on ONNX Runtime, exported once per model into this cache: export the
+# default model's now, so that a container starts without doing it (a mounted custom model is
+# exported on its first start, into the same writable folder).
+ENV CAPTIONER_CACHE_DIR=/home/captioner/.cache/captioner
+RUN python -c "from captioner.inference import Captioner; Captioner.load(device='cpu')"
+
 # Ready = model loaded and warmed up (503 before). start-period covers loading the model.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('CAPTIONER_PORT', '8000'), timeout=2)"]
