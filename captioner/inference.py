@@ -103,6 +103,8 @@ class Captioner:
         self.model = checkpoint.model.to(self.device).eval()
         self.vocab = checkpoint.vocab
         self.preprocess = Preprocessor(checkpoint.preprocess)
+        # Large JPEGs decode at reduced size, still twice what the resize keeps (media.py).
+        self._draft_size = 2 * checkpoint.preprocess.resize_size
         self.name = str(checkpoint.metadata.get("name", name))
         self.version = str(checkpoint.metadata.get("version", "0"))
         self.max_batch_size = max_batch_size
@@ -170,7 +172,7 @@ class Captioner:
         self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> tuple[torch.Tensor, ImageInfo]:
         """An image as a one-frame sequence tensor (1, 3, S, S), and what the image was."""
-        image, info = open_image(source, max_pixels=max_pixels)
+        image, info = open_image(source, max_pixels=max_pixels, draft=self._draft_size)
         return self.preprocess(image).unsqueeze(0), info
 
     def prepare_frames(
@@ -179,7 +181,9 @@ class Captioner:
         """An ordered frame sequence as a (T, 3, S, S) tensor."""
         if not frames:
             raise InvalidMediaError("a frame sequence needs at least one frame")
-        return self.preprocess.frames([load_image(f, max_pixels=max_pixels) for f in frames])
+        return self.preprocess.frames(
+            [load_image(f, max_pixels=max_pixels, draft=self._draft_size) for f in frames]
+        )
 
     def prepare_video(
         self,

@@ -55,15 +55,23 @@ class ImageInfo:
     format: str  # "png", "jpeg", ...: the file's format, lower-case; "unknown" when it has none
 
 
-def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None
+) -> Image.Image:
     """Open an image from a PIL image, bytes or a path as RGB, honouring EXIF orientation."""
-    return open_image(source, max_pixels=max_pixels)[0]
+    return open_image(source, max_pixels=max_pixels, draft=draft)[0]
 
 
 def open_image(
-    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None
 ) -> tuple[Image.Image, ImageInfo]:
-    """``load_image``, and what the image was: its stored size and its file format."""
+    """``load_image``, and what the image was: its stored size and its file format.
+
+    With ``draft``, a JPEG is decoded straight to a smaller size when both its sides stay at
+    least ``draft`` pixels (libjpeg's DCT scaling, 1/2 to 1/8): a 4000x3000 photo for a
+    224-pixel model then decodes 4x faster. Callers pass twice the size they resize to, so
+    that the final resize still filters the picture as it would from full size.
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -90,6 +98,8 @@ def open_image(
             f"{_describe(source)}: image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1"
         )
     info = ImageInfo(width, height, (image.format or "unknown").lower())
+    if draft and image.format == "JPEG" and min(width, height) >= 2 * draft:
+        image.draft("RGB", (draft, draft))  # keeps both sides >= draft
     try:
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image), info

@@ -198,3 +198,21 @@ def test_videos_are_turned_upright_by_their_display_matrix(
     for frame in frames:
         assert frame.size == size
         assert min(frame.getpixel(white_at)) > 200 and max(frame.getpixel(black_at)) < 50
+
+
+def test_large_jpegs_decode_in_draft_mode_to_nearly_the_same_pixels() -> None:
+    from captioner.media import Preprocessor, open_image
+
+    gradient = np.linspace(0, 255, 1600 * 1200 * 3).reshape(1200, 1600, 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    drafted, info = open_image(data, draft=448)
+    full, _ = open_image(data)
+    assert (info.width, info.height) == (1600, 1200)  # what was sent, not what was decoded
+    assert drafted.size == (800, 600) and full.size == (1600, 1200)  # DCT scaling 1/2
+    prepare = Preprocessor(PreprocessConfig())
+    difference = (prepare(drafted) - prepare(full)).abs().max().item()
+    assert difference < 0.1  # normalised units: about 2 of 255 grey levels
+    small, _ = open_image(data, draft=700)  # 1/2 would go under 2 x 700: decoded in full
+    assert small.size == (1600, 1200)
