@@ -68,6 +68,10 @@ class ModelRef(BaseModel):
 class CaptionText(BaseModel):
     text: str = Field(examples=["a red circle to the left of a blue square"])
     log_prob: float = Field(description="total log-probability of the caption", examples=[-4.21])
+    score: float = Field(
+        description="what the n-best list is ranked by: log_prob / length**length_penalty",
+        examples=[-0.84],
+    )
 
 
 class TagOut(BaseModel):

@@ -153,7 +153,7 @@ def _emit(fmt: str, path: Path, result: CaptionResult, seconds: float) -> None:
         record = {
             "path": str(path),
             "caption": result.caption,
-            "captions": [{"text": c.text, "log_prob": c.log_prob} for c in result.captions],
+            "captions": [asdict(c) for c in result.captions],
             "in_domain": result.in_domain,
             "domain_score": result.domain_score,
             "warnings": result.warnings,

@@ -47,10 +47,12 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
 @dataclass(frozen=True)
 class Caption:
-    """One generated caption and its total log-probability."""
+    """One generated caption, its total log-probability, and the score n-best lists are ranked
+    by: log_prob / length**length_penalty (so a longer caption can outrank a likelier one)."""
 
     text: str
     log_prob: float
+    score: float
 
 
 def best_caption(captions: Sequence[Caption]) -> str:
@@ -325,7 +327,10 @@ class Captioner:
                     indices, generate(self.model, visual[picked], self.vocab, opts), strict=True
                 ):
                     captions[index] = [
-                        Caption(self.vocab.decode(h.tokens), round(h.log_prob, 4)) for h in hyps
+                        Caption(
+                            self.vocab.decode(h.tokens), round(h.log_prob, 4), round(h.score, 4)
+                        )
+                        for h in hyps
                     ]
             tags = self._tags(encoded, lengths, [opts.tags for opts in options])
             scores = self._domain_scores(encoded, lengths)

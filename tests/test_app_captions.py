@@ -53,7 +53,7 @@ def clip(tmp_path_factory):
 
 def expected(captioner: Captioner, data: bytes, **options) -> list[dict]:
     (result,) = captioner.caption_images([data], captioner.options(**options))
-    return [{"text": c.text, "log_prob": c.log_prob} for c in result.captions]
+    return [{"text": c.text, "log_prob": c.log_prob, "score": c.score} for c in result.captions]
 
 
 # -- POST /v1/captions/image -------------------------------------------------------------------
@@ -308,7 +308,9 @@ def test_video_as_multipart_file(client, captioner, clip) -> None:
         "height": 48,
     }
     direct = captioner.caption_video(clip, 4, captioner.options(beam_size=2))
-    assert body["captions"] == [{"text": c.text, "log_prob": c.log_prob} for c in direct.captions]
+    assert body["captions"] == [
+        {"text": c.text, "log_prob": c.log_prob, "score": c.score} for c in direct.captions
+    ]
 
 
 def test_video_as_raw_body_uses_the_models_frame_count(client, captioner, clip) -> None:
@@ -349,7 +351,9 @@ def test_frame_list_in_order_and_thinned_by_num_frames(client, captioner) -> Non
         "height": None,
     }
     direct = captioner.caption_frames(frames)
-    assert body["captions"] == [{"text": c.text, "log_prob": c.log_prob} for c in direct.captions]
+    assert body["captions"] == [
+        {"text": c.text, "log_prob": c.log_prob, "score": c.score} for c in direct.captions
+    ]
     thinned = client.post("/v1/captions/video?num_frames=5", files=files).json()
     assert thinned["input"]["frames_used"] == 5
     direct = captioner.caption_frames(frames[1::2])  # segment centres of 10 frames, 5 segments

@@ -89,9 +89,9 @@ def test_prepare_image_says_what_the_image_was(captioner) -> None:
 def test_best_caption_is_the_first_or_empty() -> None:
     from captioner.inference import Caption, best_caption
 
-    assert best_caption([Caption("a red circle", -1.0), Caption("a circle", -2.0)]) == (
-        "a red circle"
-    )
+    assert best_caption(
+        [Caption("a red circle", -1.0, -0.25), Caption("a circle", -2.0, -0.67)]
+    ) == ("a red circle")
     assert best_caption([]) == ""
 
 
@@ -128,3 +128,17 @@ def test_a_compiled_cnn_that_fails_in_warm_up_goes_back_to_eager(
     captioner.warm_up()
     assert captioner.cnn is eager
     assert "torch.compile failed" in caplog.text
+
+
+def test_n_best_is_ranked_by_the_score_it_reports(captioner) -> None:
+    image = captioner.prepare_image(png_bytes(frame_image(2)))[0]
+    options = captioner.options(beam_size=5, num_captions=5, length_penalty=1.0)
+    captions = captioner.caption_tensors([image], options)[0].captions
+    scores = [c.score for c in captions]
+    assert scores == sorted(scores, reverse=True)
+    for caption in captions:  # score = log_prob / length ** 1, the length counting <eos>
+        words = len(caption.text.split())  # (a caption cut at max_length has no <eos>)
+        assert any(
+            caption.score == pytest.approx(caption.log_prob / n, abs=1e-3)
+            for n in (words, words + 1)
+        )

@@ -182,7 +182,9 @@ def _answer(result: Captioned, started: float) -> dict[str, Any]:
     found = result.result
     return {
         "caption": result.caption,
-        "captions": [CaptionText(text=c.text, log_prob=c.log_prob) for c in result.captions],
+        "captions": [
+            CaptionText(text=c.text, log_prob=c.log_prob, score=c.score) for c in result.captions
+        ],
         "tags": [TagOut(**asdict(tag)) for tag in found.tags],
         "in_domain": found.in_domain,
         "domain_score": found.domain_score,
