@@ -1,4 +1,5 @@
-"""The ``captioner`` command line: ``main(argv)`` so that tests can call it in-process.
+"""The ``captioner`` command line. ``main(argv)`` returns the exit code, so tests call it
+in-process.
 
 Subcommands: caption, data generate, data emoji, features extract, train, evaluate, serve.
 Results go to stdout; logs and one-line errors go to stderr.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 EXIT_INPUT_FAILED = 1  # at least one input could not be captioned
 EXIT_USAGE = 2  # bad arguments, or the model could not be loaded
+TABLE_COLUMNS = ("path", "rank", "caption", "score", "in_domain", "tags", "seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,27 +48,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+DESCRIPTION = "Caption images and videos, serve captions over HTTP, train and evaluate models."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0])
+    from captioner import __version__
+
+    parser = argparse.ArgumentParser(prog="captioner", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    caption = commands.add_parser("caption", help="caption images, videos and folders of them")
+    caption = commands.add_parser(
+        "caption",
+        help="caption images, videos and folders of them",
+        description="Caption images, videos and folders of them. Decoding options default to "
+        "the model's own (see GET /v1/models); ranges are checked.",
+    )
     caption.add_argument("paths", nargs="+", type=Path, help="image/video files or folders")
     caption.add_argument(
         "--model", type=Path, default=None, help="checkpoint folder (default: shipped)"
     )
-    caption.add_argument("--beam-size", type=int, default=None)
-    caption.add_argument("--num-captions", type=int, default=None)
-    caption.add_argument("--max-length", type=int, default=None)
-    caption.add_argument("--length-penalty", type=float, default=None)
-    caption.add_argument("--num-frames", type=int, default=None, help="frames sampled per video")
     caption.add_argument(
-        "--tags", type=int, default=None, metavar="K", help="also the top K ImageNet tags (0-20)"
+        "--beam-size", type=int, default=None, help=f"beams searched, {_range('beam_size')}"
     )
-    caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    caption.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
-    caption.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    caption.add_argument(
+        "--num-captions",
+        type=int,
+        default=None,
+        help=f"captions per input, best first; at most --beam-size; {_range('num_captions')}",
+    )
+    caption.add_argument(
+        "--max-length", type=int, default=None, help=f"most words, {_range('max_length')}"
+    )
+    caption.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        help=f"ranking: log_prob / length**penalty, {_range('length_penalty')}",
+    )
+    caption.add_argument(
+        "--num-frames", type=int, default=None, help="frames sampled per video (the model's: 8)"
+    )
+    caption.add_argument(
+        "--tags", type=int, default=None, metavar="K", help=f"top K ImageNet tags, {_range('tags')}"
+    )
+    caption.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
+    )
+    caption.add_argument(
+        "--format",
+        choices=("jsonl", "table"),
+        default="jsonl",
+        help="jsonl: one JSON object per input (default); table: tab-separated, with a header "
+        "line and one row per caption of the n-best",
+    )
+    caption.add_argument(
+        "--batch-size", type=int, default=16, help="images per model call (default 16)"
+    )
     caption.set_defaults(handler=_cmd_caption)
 
     serve = commands.add_parser("serve", help="run the HTTP captioning service (uvicorn)")
@@ -79,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_train.add_commands(commands)
     return parser
+
+
+def _range(option: str) -> str:
+    from captioner.config import DecodingOptions
+
+    low, high = DecodingOptions.LIMITS[option]
+    return f"{low:g} to {high:g} (default {getattr(DecodingOptions(), option)}, from the model)"
 
 
 def iter_media(paths: Sequence[Path]) -> Iterator[Path]:
@@ -106,6 +152,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if args.num_frames is not None and args.num_frames < 1:
         raise CaptionerError("--num-frames must be at least 1")
     failures = 0
+    if args.format == "table":
+        print("\t".join(TABLE_COLUMNS), flush=True)
     pending: list[tuple[Path, object, float]] = []  # prepared images awaiting one batched call
 
     def flush() -> None:
@@ -163,9 +211,11 @@ def _emit(fmt: str, path: Path, result: CaptionResult, seconds: float) -> None:
             record["tags"] = [asdict(tag) for tag in result.tags]
         print(json.dumps(record), flush=True)
     else:
-        flag = " [out of domain]" if result.in_domain is False else ""
-        tags = "\t" + ", ".join(t.name for t in result.tags) if result.tags else ""
-        print(f"{path}\t{result.caption}{flag}{tags}\t{seconds:.3f}s", flush=True)
+        domain = {None: "", True: "yes", False: "no"}[result.in_domain]
+        tags = "; ".join(f"{t.name} ({t.probability:.2f})" for t in result.tags)
+        for rank, caption in enumerate(result.captions, start=1):
+            row = (path, rank, caption.text, f"{caption.score:.4f}", domain, tags, f"{seconds:.3f}")
+            print("\t".join(map(str, row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
+from captioner import __version__
 from captioner.cli import main
 from tests.conftest import make_video
 
@@ -62,13 +64,37 @@ def test_folders_are_expanded_and_table_format(tmp_path, tiny_checkpoint, capsys
             "table",
             "--batch-size",
             "2",
+            "--beam-size",
+            "3",
+            "--num-captions",
+            "2",
         ]
     )
     out, _ = capsys.readouterr()
     assert code == 0
-    assert [line.split("\t")[0] for line in out.splitlines()] == [
-        str(tmp_path / f"{i}.png") for i in range(3)
+    header, *rows = [line.split("\t") for line in out.splitlines()]
+    assert header == ["path", "rank", "caption", "score", "in_domain", "tags", "seconds"]
+    assert [(row[0], row[1]) for row in rows] == [  # every caption of the n-best, ranked
+        (str(tmp_path / f"{i}.png"), rank) for i in range(3) for rank in ("1", "2")
     ]
+    assert all(len(row) == len(header) for row in rows)
+    assert float(rows[0][3]) >= float(rows[1][3])  # ranked by the score shown
+
+
+def test_version_and_help(capsys) -> None:
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"captioner {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "main(argv)" not in text and "Caption images and videos" in text
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "beams searched, 1 to 10 (default 3, from the model)" in text
+    assert "top K ImageNet tags, 0 to 20" in text
 
 
 def test_bad_model_and_bad_option_are_one_line_errors(tmp_path, tiny_checkpoint, capsys) -> None:
