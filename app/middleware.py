@@ -12,6 +12,7 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
@@ -30,6 +31,18 @@ def request_id_from(headers: Headers) -> str:
     """The client's X-Request-ID when it is short and plain, else a fresh one."""
     sent = headers.get(REQUEST_ID_HEADER, "")
     return sent if _SANE_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+def _route_path(scope: Scope) -> str:
+    """The path template of the route that served a request (a bounded label), or "unmatched".
+
+    FastAPI records its API routes in the scope; the docs routes (/docs, /openapi.json) are
+    plain Starlette routes that do not, so those are matched here.
+    """
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 class RequestContextMiddleware:
@@ -74,8 +87,7 @@ class RequestContextMiddleware:
             logs.request_id.reset(token)
 
     def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
+        endpoint = _route_path(scope)
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
         error_type = scope["state"].get("error_type")

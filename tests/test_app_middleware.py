@@ -88,3 +88,11 @@ def test_json_formatter_adds_the_current_request_id_and_exceptions() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "failed here" and line["request_id"] is None
     assert "ValueError: inner" in line["exception"]
+
+
+def test_the_docs_routes_have_their_own_metrics_label(client) -> None:
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    text = client.get("/metrics").text
+    assert 'captioner_requests_total{endpoint="/openapi.json",status="200"}' in text
+    assert 'captioner_requests_total{endpoint="/docs",status="200"}' in text
