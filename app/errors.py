@@ -27,6 +27,7 @@ from captioner.errors import (
     InvalidMediaError,
     InvalidOptionError,
     MediaTooLargeError,
+    StillImageError,
     TagsUnavailableError,
 )
 
@@ -139,6 +140,8 @@ def from_exception(
         return ApiError("tags_unavailable", str(exc), param="tags")
     if isinstance(exc, InvalidOptionError):
         return ApiError("invalid_parameter", str(exc), param=exc.param or param)
+    if isinstance(exc, StillImageError):
+        return ApiError("invalid_video", f"{exc}; send it to POST /v1/captions/image", param=param)
     if isinstance(exc, MediaTooLargeError):
         return ApiError("payload_too_large", str(exc), param=param)
     if isinstance(exc, InvalidMediaError):

@@ -200,7 +200,11 @@ class CaptionService:
                     return image
                 try:
                     return await self._prepare(
-                        self._prepare_image, image, kind="image", param=f"images[{index}]"
+                        self._prepare_image,
+                        image,
+                        f"images[{index}]",
+                        kind="image",
+                        param=f"images[{index}]",
                     )
                 except InputFailed as exc:
                     return exc
@@ -294,28 +298,31 @@ class CaptionService:
         self.metrics.preprocess_duration.labels(kind=kind).observe(seconds)
         return seconds
 
-    def _prepare_image(self, data: bytes) -> Prepared:
+    def _prepare_image(self, data: bytes, label: str = "image") -> Prepared:
         started = time.perf_counter()
-        tensor, info = self._model.prepare_image(data, max_pixels=self.settings.max_pixels)
+        tensor, info = self._model.prepare_image(
+            data, max_pixels=self.settings.max_pixels, label=label
+        )
         return Prepared(tensor, asdict(info), self._timed("image", started))
 
     def _prepare_video(self, path: Path, num_frames: int) -> Prepared:
         started = time.perf_counter()
         s = self.settings
         limits = VideoLimits(max_duration_s=s.max_video_duration_s, max_pixels=s.max_video_pixels)
-        tensor, info = self._model.prepare_video(path, num_frames, limits)
+        # Named "video" in errors: the path is the server's temporary file, not the client's.
+        tensor, info = self._model.prepare_video(path, num_frames, limits, label="video")
         return Prepared(tensor, _video_input(info), self._timed("video", started))
 
     def _prepare_frames(self, frames: list[bytes]) -> Prepared:
         started = time.perf_counter()
-        tensor = self._model.prepare_frames(frames, max_pixels=self.settings.max_pixels)
-        info = {
+        tensor, first = self._model.prepare_frames(frames, max_pixels=self.settings.max_pixels)
+        info = {  # a frame list has no timing or codec; its size is its first frame's
             "frames_used": len(frames),
             "duration_s": None,
             "fps": None,
             "codec": None,
-            "width": None,
-            "height": None,
+            "width": first.width,
+            "height": first.height,
         }
         return Prepared(tensor, info, self._timed("frames", started))
 

@@ -8,6 +8,7 @@ Results go to stdout; logs and one-line errors go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, StillImageError
 from captioner.media_types import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
 
 if TYPE_CHECKING:
@@ -169,9 +170,13 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     for path in iter_media(args.paths):
         started = time.perf_counter()
         try:
+            result = None
             if is_video_path(path):
                 flush()
-                result = captioner.caption_video(path, args.num_frames, options)
+                # A one-frame GIF is captioned as the image it is.
+                with contextlib.suppress(StillImageError):
+                    result = captioner.caption_video(path, args.num_frames, options)
+            if result is not None:
                 _emit(args.format, path, result, time.perf_counter() - started)
             else:
                 tensor, _ = captioner.prepare_image(path)

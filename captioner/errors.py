@@ -19,6 +19,10 @@ class MediaTooLargeError(InvalidMediaError):
     """The media exceeds a configured limit (pixels, frames, duration)."""
 
 
+class StillImageError(InvalidMediaError):
+    """A still image was given where a video was expected (caption it as an image)."""
+
+
 class ModelLoadError(CaptionerError):
     """A checkpoint or pretrained weights file is missing, corrupt or incompatible."""
 
@@ -54,5 +58,6 @@ __all__ = [
     "InvalidOptionError",
     "MediaTooLargeError",
     "ModelLoadError",
+    "StillImageError",
     "TagsUnavailableError",
 ]

@@ -32,7 +32,6 @@ from captioner.media import (
     VideoInfo,
     VideoLimits,
     VideoSource,
-    load_image,
     open_image,
     read_video,
 )
@@ -171,30 +170,48 @@ class Captioner:
     # -- preprocessing (CPU work, safe to run in worker threads) ---------------------------
 
     def prepare_image(
-        self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        source: ImageSource,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        label: str | None = None,
     ) -> tuple[torch.Tensor, ImageInfo]:
-        """An image as a one-frame sequence tensor (1, 3, S, S), and what the image was."""
-        image, info = open_image(source, max_pixels=max_pixels, draft=self._draft_size)
+        """An image as a one-frame sequence tensor (1, 3, S, S), and what the image was.
+
+        Errors name the image by ``label`` when given (else by its path or size).
+        """
+        image, info = open_image(source, max_pixels=max_pixels, draft=self._draft_size, label=label)
         return self.preprocess(image).unsqueeze(0), info
 
     def prepare_frames(
         self, frames: Sequence[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> torch.Tensor:
-        """An ordered frame sequence as a (T, 3, S, S) tensor."""
+    ) -> tuple[torch.Tensor, ImageInfo]:
+        """An ordered frame sequence as a (T, 3, S, S) tensor, and what its first frame was.
+
+        A frame that cannot be read is named by its position: ``frames[2]``.
+        """
         if not frames:
             raise InvalidMediaError("a frame sequence needs at least one frame")
-        return self.preprocess.frames(
-            [load_image(f, max_pixels=max_pixels, draft=self._draft_size) for f in frames]
-        )
+        opened = [
+            open_image(f, max_pixels=max_pixels, draft=self._draft_size, label=f"frames[{i}]")
+            for i, f in enumerate(frames)
+        ]
+        return self.preprocess.frames([image for image, _ in opened]), opened[0][1]
 
     def prepare_video(
         self,
         source: VideoSource,
         num_frames: int | None = None,
         limits: VideoLimits | None = None,
+        *,
+        label: str | None = None,
     ) -> tuple[torch.Tensor, VideoInfo]:
-        """``num_frames`` frames sampled uniformly over a video, as a (T, 3, S, S) tensor."""
-        frames, info = read_video(source, num_frames or self.num_frames, limits)
+        """``num_frames`` frames sampled uniformly over a video, as a (T, 3, S, S) tensor.
+
+        Errors name the video by ``label`` when given (a server's upload is "video", not the
+        path of its temporary file).
+        """
+        frames, info = read_video(source, num_frames or self.num_frames, limits, label=label)
         return self.preprocess.frames(frames), info
 
     # -- serving set-up ------------------------------------------------------------------
@@ -228,7 +245,7 @@ class Captioner:
     def _run_warm_up(self, batch_sizes: Sequence[int]) -> None:
         picture = Image.new("RGB", (320, 240), (128, 96, 64))
         image, _ = self.prepare_image(picture)
-        clip = self.prepare_frames([picture] * self.num_frames)
+        clip, _ = self.prepare_frames([picture] * self.num_frames)
         options = self.options()
         batches = [[image] * size for size in batch_sizes] + [[clip], [clip, image]]
         for batch in batches:
@@ -383,7 +400,7 @@ class Captioner:
         self, frames: Sequence[ImageSource], options: DecodingOptions | None = None
     ) -> CaptionResult:
         """Describe one ordered frame sequence."""
-        return self.caption_tensors([self.prepare_frames(frames)], options)[0]
+        return self.caption_tensors([self.prepare_frames(frames)[0]], options)[0]
 
     def caption_video(
         self,

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import av
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from captioner.config import PreprocessConfig
-from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError
+from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError, StillImageError
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +47,38 @@ def _describe(source: object) -> str:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What a decoded image was, as stored (before EXIF orientation): reported to clients."""
+    """What a decoded image was, upright (after EXIF orientation, as viewers show it, and as
+    videos report their displayed size): reported to clients."""
 
     width: int
     height: int
     format: str  # "png", "jpeg", ...: the file's format, lower-case; "unknown" when it has none
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+TURNED_ORIENTATIONS = {5, 6, 7, 8}  # a quarter turn: width and height swap when shown
+
+
 def load_image(
-    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: int | None = None,
+    label: str | None = None,
 ) -> Image.Image:
-    """Open an image from a PIL image, bytes or a path as RGB, honouring EXIF orientation."""
-    return open_image(source, max_pixels=max_pixels, draft=draft)[0]
+    """Open an image from a PIL image, bytes or a path as RGB, honouring EXIF orientation.
+
+    Errors name the image by ``label`` when given (``frames[2]``), else by its path or size.
+    """
+    return open_image(source, max_pixels=max_pixels, draft=draft, label=label)[0]
 
 
 def open_image(
-    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: int | None = None,
+    label: str | None = None,
 ) -> tuple[Image.Image, ImageInfo]:
     """``load_image``, and what the image was: its stored size and its file format.
 
@@ -72,39 +87,43 @@ def open_image(
     224-pixel model then decodes 4x faster. Callers pass twice the size they resize to, so
     that the final resize still filters the picture as it would from full size.
     """
+    name = label or _describe(source)
     if isinstance(source, Image.Image):
         image = source
     else:
         try:
-            data: IO[bytes] | Path = (
-                io.BytesIO(source) if isinstance(source, bytes) else Path(source)
-            )
-            image = Image.open(data)
+            # A file is read whole first: PIL keeps a path's file open until the image is
+            # closed, and a multi-frame GIF never closes it by itself.
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            image = Image.open(io.BytesIO(data))
         except FileNotFoundError as exc:
-            raise InvalidMediaError(f"{source}: no such file") from exc
+            raise InvalidMediaError(f"{name}: no such file") from exc
         except Image.DecompressionBombError as exc:
-            raise MediaTooLargeError(f"{_describe(source)}: {exc}") from exc
+            raise MediaTooLargeError(f"{name}: {exc}") from exc
         except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
-            raise InvalidMediaError(f"{_describe(source)}: not a readable image") from exc
+            raise InvalidMediaError(f"{name}: not a readable image") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise MediaTooLargeError(
-            f"{_describe(source)}: image is {width}x{height} = {width * height} pixels, "
+            f"{name}: image is {width}x{height} = {width * height} pixels, "
             f"over the limit of {max_pixels}"
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         # Resizing the shorter side up to the model's size would blow the longer one up.
         raise MediaTooLargeError(
-            f"{_describe(source)}: image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1"
+            f"{name}: image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1"
         )
-    info = ImageInfo(width, height, (image.format or "unknown").lower())
+    file_format = (image.format or "unknown").lower()
     if draft and image.format == "JPEG" and min(width, height) >= 2 * draft:
         image.draft("RGB", (draft, draft))  # keeps both sides >= draft
     try:
+        turned = image.getexif().get(ORIENTATION_TAG, 1) in TURNED_ORIENTATIONS
         image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image), info
+        if turned:
+            width, height = height, width
+        return _to_rgb(image), ImageInfo(width, height, file_format)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidMediaError(f"{_describe(source)}: image data is corrupt ({exc})") from exc
+        raise InvalidMediaError(f"{name}: image data is corrupt ({exc})") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -188,20 +207,25 @@ class VideoLimits:
     max_total_frames: int = 100_000
 
 
+def _reason(exc: Exception) -> str:
+    """FFmpeg's own words for an error, without its errno and the file name it was given."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 @contextmanager
-def _open_container(source: VideoSource) -> Iterator[av.container.InputContainer]:
+def _open_container(source: VideoSource, name: str) -> Iterator[av.container.InputContainer]:
     try:
         if isinstance(source, bytes):
             container = av.open(io.BytesIO(source), mode="r")
         else:
             path = Path(source)
             if not path.is_file():
-                raise InvalidMediaError(f"{source}: no such file")
+                raise InvalidMediaError(f"{name}: no such file")
             container = av.open(str(path), mode="r")
     except InvalidMediaError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InvalidMediaError(f"{_describe(source)}: not a readable video ({exc})") from exc
+        raise InvalidMediaError(f"{name}: not a readable video ({_reason(exc)})") from exc
     try:
         yield container
     finally:
@@ -218,7 +242,11 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
 
 
 def read_video(
-    source: VideoSource, num_frames: int, limits: VideoLimits | None = None
+    source: VideoSource,
+    num_frames: int,
+    limits: VideoLimits | None = None,
+    *,
+    label: str | None = None,
 ) -> tuple[list[Image.Image], VideoInfo]:
     """Decode ``num_frames`` frames sampled uniformly over a video's duration.
 
@@ -226,12 +254,13 @@ def read_video(
     A first pass counts packets (no decoding) when the container does not state its frame count.
     """
     limits = limits or VideoLimits()
+    name = label or _describe(source)
     if num_frames < 1:
         raise InvalidMediaError("num_frames must be at least 1")
     try:
-        with _open_container(source) as container:
+        with _open_container(source, name) as container:
             if not container.streams.video:
-                raise InvalidMediaError(f"{_describe(source)}: has no video stream")
+                raise InvalidMediaError(f"{name}: has no video stream")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
@@ -247,16 +276,20 @@ def read_video(
                     f"video lasts {duration:.1f} s, over the limit of {limits.max_duration_s:g} s"
                 )
             total = stream.frames if stream.frames > 0 else _count_packets(container, stream)
+            if total <= 1 or container.format.name.endswith("_pipe"):
+                # One picture (a JPEG, a PNG, a one-frame GIF) is not a clip: sampled, it would
+                # be 8 copies of one frame, described as if something moved.
+                raise StillImageError(f"{name}: is a still image, not a video")
             if total > limits.max_total_frames:
                 raise MediaTooLargeError(
                     f"video has {total} frames, over the limit of {limits.max_total_frames}"
                 )
-        with _open_container(source) as container:
+        with _open_container(source, name) as container:
             frames, rotation = _decode_sampled(container, sample_indices(total, num_frames))
     except (av.FFmpegError, EOFError, ValueError) as exc:
-        raise InvalidMediaError(f"{_describe(source)}: video data is corrupt ({exc})") from exc
+        raise InvalidMediaError(f"{name}: video data is corrupt ({_reason(exc)})") from exc
     if not frames:
-        raise InvalidMediaError(f"{_describe(source)}: video has no decodable frames")
+        raise InvalidMediaError(f"{name}: video has no decodable frames")
     if duration <= 0 and fps > 0:
         duration = total / fps
     if rotation % 180:  # a portrait phone video is stored landscape: report what is shown

@@ -347,8 +347,8 @@ def test_frame_list_in_order_and_thinned_by_num_frames(client, captioner) -> Non
         "duration_s": None,
         "fps": None,
         "codec": None,
-        "width": None,
-        "height": None,
+        "width": 64,  # the first frame's size
+        "height": 48,
     }
     direct = captioner.caption_frames(frames)
     assert body["captions"] == [
@@ -482,3 +482,40 @@ def test_without_a_domain_summary_the_flag_is_null(client) -> None:
     body = client.post("/v1/captions/image", files={"image": ("a.png", png(1))}).json()
     assert body["in_domain"] is None and body["domain_score"] is None
     assert body["tags"] == [] and body["warnings"] == []
+
+
+def test_video_errors_name_the_upload_not_a_server_path(client) -> None:
+    text = client.post(
+        "/v1/captions/video", files={"video": ("notes.mp4", b"just some text, not a video")}
+    )
+    error = assert_error(text, 400, "invalid_video", param="video")
+    assert error["message"].startswith("video: not a readable video (")
+    assert tempfile.gettempdir() not in error["message"] and "Errno" not in error["message"]
+
+
+def test_a_bad_frame_is_named_by_its_position(client) -> None:
+    files = [("frames", ("a.png", png(1))), ("frames", ("b.png", b"not a picture at all"))]
+    error = assert_error(client.post("/v1/captions/video", files=files), 400, "invalid_video")
+    assert error["message"] == "frames[1]: not a readable image"
+
+
+def test_an_exif_rotated_photo_reports_its_upright_size(client) -> None:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated a quarter turn: a portrait phone photo
+    Image.new("RGB", (64, 40), (200, 30, 30)).save(buffer, format="JPEG", exif=exif)
+    body = client.post("/v1/captions/image", files={"image": ("p.jpg", buffer.getvalue())}).json()
+    assert (body["input"]["width"], body["input"]["height"]) == (40, 64)
+
+
+def test_a_still_image_sent_as_a_video_is_a_400_naming_the_image_endpoint(client) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(buffer, format="JPEG")
+    response = client.post("/v1/captions/video", files={"video": ("x.mp4", buffer.getvalue())})
+    error = assert_error(response, 400, "invalid_video", param="video")
+    assert "still image, not a video" in error["message"]
+    assert "POST /v1/captions/image" in error["message"]
+    raw = client.post(  # a PNG, as a raw body
+        "/v1/captions/video", content=png(2), headers={"Content-Type": "video/mp4"}
+    )
+    assert "still image" in assert_error(raw, 400, "invalid_video")["message"]

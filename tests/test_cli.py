@@ -132,3 +132,10 @@ def test_evaluate_when_no_captioned_item_can_be_read_is_an_error(
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "nothing to score: none of the 1 items with reference captions could be read" in last
+
+
+def test_a_one_frame_gif_is_captioned_as_an_image(tmp_path, tiny_checkpoint, capsys) -> None:
+    Image.new("RGB", (40, 40), (0, 90, 200)).save(tmp_path / "still.gif")
+    assert main(["caption", str(tmp_path / "still.gif"), "--model", str(tiny_checkpoint)]) == 0
+    (line,) = map(json.loads, capsys.readouterr().out.splitlines())
+    assert line["caption"]
