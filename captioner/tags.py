@@ -36,21 +36,32 @@ class Tag:
 
 
 class ImageNetTagger(nn.Module):
-    """Encoder features (N, D) -> ImageNet logits (N, 1000), from the last stage's cells."""
+    """Encoder features (N, D) -> ImageNet logits (N, 1000), from the last stage's cells.
+
+    The 1x1 head convolution and its (eval-mode) BatchNorm are one affine map per cell, folded
+    into a single linear layer: a (cells, 320) x (320, 1280) product, then ReLU6, the mean over
+    the cells, and the classifier.
+    """
 
     def __init__(self, encoder: ImageEncoder, full: nn.Module) -> None:
         super().__init__()
         config = encoder.config
-        self.grid, self.cells, self.channels = config.grid_size, config.cells, config.cell_channels
+        self.cells, self.channels = config.cells, config.cell_channels
         self.last = config.stage_channels[-1]
-        self.conv_head, self.norm, self.classifier = full.conv_head, full.bn2, full.classifier
+        conv, norm = full.conv_head, full.bn2
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (1280,)
+        self.head = nn.Linear(self.last, conv.out_channels)
+        with torch.no_grad():
+            self.head.weight.copy_(conv.weight.flatten(1) * scale.unsqueeze(1))
+            self.head.bias.copy_(norm.bias - norm.running_mean * scale)
+        self.activation = norm.act  # ReLU6
+        self.classifier = full.classifier
         self.eval()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cells = features.float().reshape(len(features), self.cells, self.channels)
-        last = cells[..., -self.last :].transpose(1, 2)  # (N, C_last, M): the last stage's map
-        maps = last.reshape(len(features), self.last, self.grid, self.grid)
-        pooled = self.norm(self.conv_head(maps)).mean((2, 3))  # (N, 1280)
+        last = cells[..., -self.last :]  # (N, M, C_last): the last stage's map, cell by cell
+        pooled = self.activation(self.head(last)).mean(1)  # (N, 1280)
         return self.classifier(pooled)
 
 
