@@ -125,7 +125,11 @@ class VideoInput(BaseModel):
     height: int | None = Field(examples=[240])
 
 
-class ImageCaptionResponse(DomainFields):
+# Each answer lists what identifies it and its captions first, then DomainFields' (pydantic
+# orders inherited fields by the reversed base list, so DomainFields is named first).
+
+
+class _ImageAnswer(BaseModel):
     id: str = Field(description="the request id (also the X-Request-ID header)")
     model: ModelRef
     caption: str = Field(description="the best caption", examples=["a red circle"])
@@ -134,7 +138,11 @@ class ImageCaptionResponse(DomainFields):
     timings_ms: Timings
 
 
-class VideoCaptionResponse(DomainFields):
+class ImageCaptionResponse(DomainFields, _ImageAnswer):
+    pass
+
+
+class _VideoAnswer(BaseModel):
     id: str
     model: ModelRef
     caption: str = Field(examples=["a green star moves to the right"])
@@ -143,12 +151,20 @@ class VideoCaptionResponse(DomainFields):
     timings_ms: Timings
 
 
-class BatchCaption(DomainFields):
+class VideoCaptionResponse(DomainFields, _VideoAnswer):
+    pass
+
+
+class _BatchAnswer(BaseModel):
     index: int = Field(description="position of the image in the request")
     caption: str
     captions: list[CaptionText]
     input: ImageInput
     timings_ms: Timings
+
+
+class BatchCaption(DomainFields, _BatchAnswer):
+    pass
 
 
 class BatchFailure(BaseModel):
