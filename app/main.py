@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from app import errors
+from app import docs, errors
 from app.auth import require_api_key
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
@@ -60,7 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         dependencies=[Depends(require_api_key)],
+        docs_url=None,  # served below from local files: self-hosted machines are often offline
     )
+    docs.install(app)
     app.state.service = service
     # Routes read settings through the cached dependency; make it agree with this app's.
     app.dependency_overrides[get_settings] = lambda: settings

@@ -78,3 +78,21 @@ def test_create_app_reads_the_environment_by_default(tiny_checkpoint, monkeypatc
             assert client.get("/v1/models").json()["models"][0]["name"] == "tiny"
     finally:
         get_settings.cache_clear()
+
+
+def test_docs_load_nothing_from_outside_the_server(tiny_checkpoint) -> None:
+    import re
+
+    from app.main import create_app
+    from tests.app_support import ready_client, tiny_settings
+
+    with ready_client(create_app(tiny_settings(tiny_checkpoint))) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert {"/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css"} <= set(assets)
+        assert "cdn" not in page.text.lower() and "http" not in "".join(assets)
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+        assert "SwaggerUIBundle" in client.get("/docs/static/swagger-ui-bundle.js").text
+        assert client.get("/openapi.json").json()["openapi"].startswith("3.1")  # UI 5 reads it
