@@ -23,6 +23,7 @@ import numpy as np
 from captioner.config import DecodingOptions, to_dict
 from captioner.data.items import CaptionItem
 from captioner.errors import DatasetError
+from captioner.progress import progress_bar
 from captioner.retrieval import CONSENSUS_K, RetrievalPool
 from captioner.vocab import tokenize
 
@@ -190,7 +191,6 @@ def predict(
     retrieval embeddings are computed (for a retrieval pool).
     """
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from captioner.data.features import MediaDataset
 
@@ -219,7 +219,7 @@ def predict(
                     result.in_domain[item.id] = captioned_item.in_domain
         result.embeddings.update(zip((i.id for i in batch), embeddings, strict=True))
 
-    bar = tqdm(total=len(items), disable=not progress, desc="evaluate", unit="item")
+    bar = progress_bar(total=len(items), disable=not progress, desc="evaluate", unit="item")
     for start in range(0, len(cached), batch_size):
         batch = cached[start : start + batch_size]
         record(batch, [features.tensor(position[i.id]) for i in batch], True)  # type: ignore[union-attr]

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from captioner import __version__
 from captioner.checkpoint import (
@@ -59,6 +58,7 @@ from captioner.errors import ConfigError
 from captioner.evaluation import coco_metrics, scene_accuracy
 from captioner.memory import attach_memory
 from captioner.model import CaptionModel, create_model
+from captioner.progress import progress_bar
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def _run_phase(
             sampler.set_epoch(epoch)
         model.train()
         losses = []
-        bar = tqdm(
+        bar = progress_bar(
             loader, desc=f"epoch {epoch + 1}/{end}", disable=not runtime.is_main, leave=False
         )
         for batch in bar:

@@ -21,7 +21,7 @@ CLI_MAY_SERVE = {"captioner/cli.py": {"app"}}  # `captioner serve` starts app.se
 
 # ARCHITECTURE.md's layers of captioner/, bottom up; a package's __init__ is its own name.
 LAYERS = {
-    "leaves": ["captioner", "config", "vocab", "errors", "media_types", "retrieval"],
+    "leaves": ["captioner", "config", "vocab", "errors", "media_types", "retrieval", "progress"],
     "parts": [
         "checkpoint",
         "model",

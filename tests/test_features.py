@@ -100,3 +100,13 @@ def _covers_after_change(folder, items, encoder, preprocess) -> bool:
 
     old = json.loads((folder / "index.json").read_text())
     return _covers(folder, old, _plan(items, encoder.config, preprocess), items)
+
+
+def test_progress_off_a_terminal_is_not_a_line_per_item(tmp_path, corpus, capsys) -> None:
+    encoder, preprocess = _encoder()
+    extract_features(  # one item per loader batch: 16 ticks
+        corpus, encoder, preprocess, tmp_path / "cache", batch_frames=2, num_workers=0
+    )
+    written = capsys.readouterr().err  # pytest's stderr is not a terminal
+    assert written.count("\r") + written.count("\n") <= 3, written  # opened, closed: no ticks
+    assert "features" in written

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from captioner.config import EncoderConfig, PreprocessConfig, to_dict
 from captioner.data.items import CaptionItem
@@ -28,6 +27,7 @@ from captioner.encoder import ImageEncoder
 from captioner.errors import CaptionerError, DatasetError
 from captioner.media import Preprocessor, load_image, read_video, sample_indices
 from captioner.onnx_encoder import fast_encoder
+from captioner.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def extract_features(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    bar = tqdm(
+    bar = progress_bar(
         total=len(items), initial=state["done"], disable=not progress, desc="features", unit="item"
     )
     with torch.inference_mode():
