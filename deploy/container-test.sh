@@ -21,6 +21,11 @@
 # It also removes dangling images after the build (earlier builds' layers: 6 GB a build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$#" -gt 0 ]; then
+  echo "usage: deploy/container-test.sh (no arguments; CAPTIONER_CONTAINER_CACHE and" \
+    "CAPTIONER_DEBIAN_MIRROR may be set)" >&2
+  exit 2
+fi
 
 CACHE=${CAPTIONER_CONTAINER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/captioner/container-test}
 IMAGE=captioner:cpu  # compose.yaml's image name, so that compose runs what was built here

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -80,8 +81,8 @@ def inspect(container: str) -> dict:
 
 
 def healthy(container: str) -> bool:
-    """Runs the image's own HEALTHCHECK command once. Podman runs it on a timer only under
-    systemd; here the tests run it."""
+    """Runs the container's healthcheck (the image's HEALTHCHECK, or compose's) once. Podman
+    runs it on a timer only under systemd; here the tests run it."""
     return podman("healthcheck", "run", container, timeout=30, check=False).returncode == 0
 
 
@@ -120,13 +121,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def caption(url: str, name: str, headers: dict | None = None, **fields: str) -> dict:
+def caption(url: str, name: str, headers: dict | None = None) -> dict:
     """POSTs a sample to its endpoint; the answer's JSON, checked to be a 200."""
     field, endpoint = ("video", "video") if name.endswith(".mp4") else ("image", "image")
     response = httpx.post(
         f"{url}/v1/captions/{endpoint}",
         files={field: (name, (SAMPLES / name).read_bytes())},
-        data=fields,
         headers=headers,
         timeout=120,
     )
@@ -320,6 +320,8 @@ def compose_project() -> Iterator[None]:
         except OSError as error:
             pytest.fail(f"port 8000 is taken ({error}): compose.yaml publishes it; free it")
     assert project_containers() == [], "a captioner compose project is already up"
+    if shutil.which(PODMAN_COMPOSE) is None:
+        pytest.fail(f"{PODMAN_COMPOSE} not found: set CAPTIONER_PODMAN_COMPOSE to podman-compose")
     try:
         yield
     finally:
