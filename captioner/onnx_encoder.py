@@ -1,9 +1,10 @@
-"""ONNX Runtime for the CNN encoder on CPUs: the same weights and outputs, ~2.5x the images/s.
+"""ONNX Runtime for the CNN encoder on CPUs: the same weights and outputs, ~3x the images/s.
 
 Eager PyTorch runs EfficientNet-Lite0's depthwise convolutions far from what a CPU can do;
-ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU: 45 -> 117 images/s at
-batch 8, max abs difference 3e-5). The encoder is exported once per set of weights, into a
-cache folder keyed by the SHA-256 of its weights and config, and every new session is checked
+ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU: 40 -> 128 images/s at
+batch 1, 36 -> 133 at batch 32, max abs difference 3e-5; benchmarks/bench_encoder.py).
+The encoder is exported once per set of weights, into a cache folder keyed by the SHA-256
+of its weights and config, and every new session is checked
 against PyTorch on a probe batch before it is used. Anything that goes wrong (the runtime is
 not installed, export fails, the outputs differ) leaves the PyTorch encoder in place, with one
 log line saying why. GPUs keep PyTorch: there the eager encoder is not the bottleneck.
