@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioner.config import EncoderConfig
 from captioner.encoder import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,11 @@ def cache_dir() -> Path:
 class OnnxEncoder(nn.Module):
     """Drop-in for an ImageEncoder in eval mode: pixels (N, 3, S, S) -> features (N, D)."""
 
-    def __init__(self, session: object, torch_encoder: ImageEncoder, path: Path) -> None:
+    def __init__(self, session: object, config: EncoderConfig, path: Path) -> None:
         super().__init__()
         self.session = session
-        self.config = torch_encoder.config
-        self.path = path
-        # Kept outside the module tree (a plain attribute would register it as a submodule).
-        self.__dict__["torch_encoder"] = torch_encoder
+        self.config = config  # what pooled_embedding and the tagger read, as on ImageEncoder
+        self.path = path  # the exported graph
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -123,7 +122,7 @@ def onnx_encoder(
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
-        fast = OnnxEncoder(session, encoder, path)
+        fast = OnnxEncoder(session, encoder.config, path)
         probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             expected = encoder.eval()(probe).float()
