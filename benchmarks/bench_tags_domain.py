@@ -91,8 +91,8 @@ def main() -> None:
         # timed directly: the head, the softmax and the top-k over this batch's CNN features.
         fastest = {name: min(values) for name, values in times.items()}
         paired = {
-            "flag_vs_before": [f / b - 1 for f, b in zip(times["flag"], times["before"])],
-            "tags_vs_flag": [t / f - 1 for t, f in zip(times["tags"], times["flag"])],
+            f"{new}_vs_{old}": [n / o - 1 for n, o in zip(times[new], times[old], strict=True)]
+            for new, old in (("flag", "before"), ("tags", "flag"))
         }
         step = tag_step_seconds(captioner, batch, repeats=max(20, args.rounds))
         report["seconds_per_call"][f"batch_{batch_size}"] = {
