@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.config import ModelConfig
 from captioner.domain import DomainSummary
-from captioner.encoder import ImageEncoder, load_pretrained_weights, pooled_embedding
+from captioner.encoder import ImageEncoder, load_pretrained_weights
 from captioner.memory import CaptionMemory
 
 DecoderState = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (1, N, H)
@@ -286,8 +286,7 @@ class CaptionModel(nn.Module):
             features = self.frame_features(frames, lengths)  # type: ignore[arg-type]
         words = None
         if self.retrieval is not None:
-            embedding = pooled_embedding(features, lengths, self.config.encoder)
-            words = self.retrieval.bag_of_words(embedding, exclude)  # (B, V)
+            words = self.retrieval.bag_of_words(self.retrieval.key(features, lengths), exclude)
         # Project real frames only: a batch mixing images and clips is mostly padding.
         valid = frame_mask(lengths, features.shape[1])  # (B, T)
         cells, frame_embeddings = self.projector(features[valid])  # (n, M, C), (n, F)

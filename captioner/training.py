@@ -41,6 +41,7 @@ from captioner.checkpoint import (
     save_train_state,
 )
 from captioner.config import (
+    RETRIEVAL_KEYS,
     DataConfig,
     DecodingOptions,
     PreprocessConfig,
@@ -195,7 +196,7 @@ def train(config: TrainConfig) -> Path:
             train_items, checkpoint.vocab, data.max_caption_length, cache, data.video_repeats
         )
         if checkpoint.model.config.retrieval_k and not resume:
-            attach_memory(checkpoint.model, *pairs.memory_rows(checkpoint.model.config.encoder))
+            _attach_memory(checkpoint.model, pairs, cache, val_items, config)
         if config.domain_rank and not resume:
             _fit_domain(checkpoint.model, cache, train_items, val_items, config)
         phase = Phase(pairs, cache, config.lr, config.batch_size, num_workers=0, resume=resume)
@@ -399,6 +400,54 @@ def fit_domain(
     metadata = {**checkpoint.metadata, "domain": description}
     save_checkpoint(replace(checkpoint, metadata=metadata), out)
     return float(model.domain.threshold)  # type: ignore[union-attr]
+
+
+def _attach_memory(
+    model: CaptionModel,
+    pairs: CachedFeaturePairs,
+    cache: FeatureCache,
+    val_items: Sequence[CaptionItem],
+    config: TrainConfig,
+) -> None:
+    """Fill the model's caption memory from the training items; with ``retrieval_key = "auto"``,
+    keyed by whichever key's nearest training caption scores the higher validation CIDEr-D.
+
+    The nearest neighbour is what the memory's lookup rests on, so its score on held-out items
+    says which key finds the right neighbours on this data: the cells' layout on icons and
+    product shots, the pooled embedding where the same thing appears anywhere in the frame.
+    """
+    captions = pairs.item_captions()
+    candidates = RETRIEVAL_KEYS if config.retrieval_key == "auto" else (model.config.retrieval_key,)
+    position = cache.position()
+    held_out = [item for item in val_items if item.id in position and item.id not in cache.failed]
+    scores = {}
+    for key in candidates:
+        model.config.retrieval_key = key
+        memory = attach_memory(model, captions, pairs.item_features)
+        if len(candidates) == 1 or not held_out:
+            break
+        chunk = [cache.tensor(position[item.id]) for item in held_out]
+        lengths = torch.tensor([len(c) for c in chunk])
+        with torch.no_grad():
+            queries = memory.key(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+        similarity = queries.float() @ memory.keys.float().T
+        nearest = similarity.argmax(-1).tolist()
+        predictions = {
+            item.id: pairs.items[n].captions[0] for item, n in zip(held_out, nearest, strict=True)
+        }
+        references = {item.id: list(item.captions) for item in held_out}
+        metrics = coco_metrics(references, predictions, metrics=("CIDEr-D",), use_java=False)
+        scores[key] = float(metrics["CIDEr-D"])
+    if scores:
+        best = max(scores, key=lambda k: (scores[k], k == candidates[0]))
+        log.info(
+            "caption memory key: %s (validation CIDEr-D of the nearest training caption: %s)",
+            best,
+            ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+        )
+        if best != model.config.retrieval_key:
+            model.config.retrieval_key = best
+            attach_memory(model, captions, pairs.item_features)
 
 
 def _fit_domain(

@@ -8,18 +8,17 @@ decoded pixels (``PixelPairs``, for fine-tuning the CNN); ``make_collate`` pads 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from captioner.config import DataConfig, EncoderConfig, PreprocessConfig
+from captioner.config import DataConfig, PreprocessConfig
 from captioner.data.features import FeatureCache, MediaDataset
 from captioner.data.items import CaptionItem
 from captioner.data.readers import ReadResult, check_skipped, load_dataset
-from captioner.encoder import pooled_embedding
 from captioner.errors import ConfigError, DatasetError
 from captioner.vocab import Vocab
 
@@ -84,6 +83,7 @@ class CachedFeaturePairs(CaptionPairs):
         position = cache.position()
         kept = [item for item in items if item.id not in cache.failed]
         super().__init__(kept, vocab, max_length, video_repeats)
+        self.items = kept  # Batch.items indexes these
         self.rows = [position[item.id] for item in kept]
         self.cache = cache
 
@@ -91,20 +91,20 @@ class CachedFeaturePairs(CaptionPairs):
         item_index, tokens = self.pairs[i]
         return self.cache.tensor(self.rows[item_index]), tokens, item_index
 
-    @torch.no_grad()
-    def memory_rows(self, encoder: EncoderConfig) -> tuple[torch.Tensor, list[list[list[int]]]]:
-        """A caption memory's rows, one per kept item in item order (``Batch.items`` indexes
-        them): pooled embeddings of the cached features (P, E) and the captions' token ids."""
-        keys = []
-        for start in range(0, len(self.rows), 256):
-            chunk = [self.cache.tensor(row) for row in self.rows[start : start + 256]]
-            lengths = torch.tensor([len(c) for c in chunk])
-            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
-            keys.append(pooled_embedding(padded, lengths, encoder))
+    def item_captions(self) -> list[list[list[int]]]:
+        """Each kept item's captions as token ids, in item order (``Batch.items`` indexes them)."""
         captions: list[list[list[int]]] = [[] for _ in self.rows]
         for item_index, tokens in self.pairs:
             captions[item_index].append(tokens)
-        return torch.cat(keys), captions
+        return captions
+
+    def item_features(self, chunk_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The kept items' cached features in item order: zero-padded chunks (B, T, D) and
+        their lengths (B,)."""
+        for start in range(0, len(self.rows), chunk_size):
+            chunk = [self.cache.tensor(row) for row in self.rows[start : start + chunk_size]]
+            lengths = torch.tensor([len(c) for c in chunk])
+            yield torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths
 
 
 class PixelPairs(CaptionPairs):
