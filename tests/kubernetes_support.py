@@ -219,10 +219,10 @@ def validate(resource: dict, version: str) -> None:
 def check(out: Path) -> int:
     """Render every variant into OUT and validate each resource; prints one line per file."""
     failures = 0
+    out.mkdir(parents=True, exist_ok=True)
     for variant in VARIANTS:
         resources = render(variant)
         path = out / f"{variant.name}.yaml"
-        out.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump_all(resources, sort_keys=False))
         for resource in resources:
             for version in KUBERNETES_VERSIONS:

@@ -46,6 +46,8 @@ MiB = 1024 * 1024
 SERVER_VARIANTS = [v for v in VARIANTS if v.name != "training"]
 # Measured on a 2-core machine (docs/kubernetes.md): process start to /health/ready.
 MEASURED_READY_S = 22
+# ... and the peak RSS under heavy load, with the ConfigMap's thread counts (same page).
+MEASURED_PEAK_MIB = 1543
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +230,17 @@ def test_the_api_keys_come_from_a_secret(rendered, variant) -> None:
     assert "CAPTIONER_API_KEYS" not in environment(rendered[variant])
 
 
-def test_resources_leave_room_above_the_measured_memory(rendered) -> None:
-    # docs/kubernetes.md: 0.96 GiB once ready, 1.51 GiB at the peak of a heavy load.
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity in MiB (the binary suffixes these manifests use)."""
+    number, suffix = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+    return int(number) * {"Mi": 1, "Gi": 1024}[suffix]
+
+
+def test_the_memory_request_and_limit_cover_the_measured_peak(rendered) -> None:
     resources = server(rendered["cpu"])["resources"]
-    assert resources["requests"]["memory"] == "1600Mi"  # >= the measured peak (1543 MiB)
-    assert resources["limits"]["memory"] == "2Gi"  # a third above it
+    assert mebibytes(resources["requests"]["memory"]) >= MEASURED_PEAK_MIB
+    assert mebibytes(resources["limits"]["memory"]) >= 1.25 * MEASURED_PEAK_MIB
+    # Guaranteed CPU: the thread pools are sized to it (captioner.env).
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
 
 
