@@ -91,6 +91,28 @@ def bounded(request: Request, limit: int, *, param: str) -> Request:
     return Request(request.scope, receive)
 
 
+def images_body_limit(settings: Settings) -> int:
+    """The most bytes a /v1/captions/images request may have: every image at its limit."""
+    return settings.max_images * (settings.max_image_bytes + PART_OVERHEAD) + OVERHEAD
+
+
+def video_form_limit(settings: Settings) -> int:
+    """The most bytes a multipart /v1/captions/video request may have: a video or frame list."""
+    frames = settings.max_frames * (settings.max_image_bytes + PART_OVERHEAD)
+    return max(settings.max_video_bytes, frames) + OVERHEAD
+
+
+def image_json_limit(settings: Settings) -> int:
+    """The most bytes a JSON /v1/captions/image request may have: the image in base64."""
+    return 4 * math.ceil(settings.max_image_bytes / 3) + OVERHEAD
+
+
+def largest_body(settings: Settings) -> int:
+    """The largest request body any endpoint accepts: what a proxy in front must let through."""
+    limits = (image_json_limit(settings), images_body_limit(settings), video_form_limit(settings))
+    return max(limits)
+
+
 async def read_image(request: Request, settings: Settings) -> ImageUpload:
     """One image: multipart field ``image``, a raw ``image/*`` body, or JSON ``image_base64``."""
     kind = media_type(request)
@@ -111,7 +133,7 @@ async def read_image(request: Request, settings: Settings) -> ImageUpload:
             data = await _read_part(files[0], limit, param="image")
             return ImageUpload(data, _fields(form, exclude={"image"}))
     if kind == "application/json":
-        body = await bounded(request, 4 * math.ceil(limit / 3) + OVERHEAD, param="image").body()
+        body = await bounded(request, image_json_limit(settings), param="image").body()
         data, fields = await run_in_threadpool(_decode_json_image, body, limit)
         return ImageUpload(data, fields)
     if kind.startswith(RAW_IMAGE_TYPES):
@@ -125,7 +147,7 @@ async def read_images(request: Request, settings: Settings) -> ImagesUpload:
     if kind != "multipart/form-data":
         raise _unsupported(kind, "multipart/form-data")
     count, per_image = settings.max_images, settings.max_image_bytes
-    limit = count * (per_image + PART_OVERHEAD) + OVERHEAD
+    limit = images_body_limit(settings)
     too_many = ApiError(
         "too_many_images", f"send at most {count} images per request", param="images"
     )
@@ -150,8 +172,7 @@ async def read_video(request: Request, settings: Settings) -> VideoUpload:
     """A video (multipart ``video`` or a raw ``video/*`` body) or ordered multipart ``frames``."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        frames_limit = settings.max_frames * (settings.max_image_bytes + PART_OVERHEAD)
-        limit = max(settings.max_video_bytes, frames_limit) + OVERHEAD
+        limit = video_form_limit(settings)
         too_many = ApiError(
             "too_many_frames",
             f"send at most {settings.max_frames} frames per request",
