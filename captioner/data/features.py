@@ -128,15 +128,35 @@ class FeatureCache:
         return torch.from_numpy(np.asarray(self.features(index), dtype=np.float32))
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights: what its outputs depend on beyond its config."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _encoder_identity(encoder: dict) -> dict:
+    """The encoder config without ``pretrained``: where the weights came from does not change
+    the features, and a saved checkpoint records None there (its weights are inside it), so a
+    resumed run would otherwise not recognise its own cache. The weights' digest stands in."""
+    return {k: v for k, v in json.loads(json.dumps(encoder)).items() if k != "pretrained"}
+
+
 def _plan(
-    items: Sequence[CaptionItem], encoder: EncoderConfig, preprocess: PreprocessConfig
+    items: Sequence[CaptionItem],
+    encoder: EncoderConfig,
+    preprocess: PreprocessConfig,
+    weights: str | None = None,
 ) -> dict:
     lengths = [item_frame_count(item, preprocess.num_frames) for item in items]
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if items else []
     fingerprint = hashlib.sha256(
         json.dumps(
             [
-                to_dict(encoder),
+                _encoder_identity(to_dict(encoder)),
+                weights,
                 to_dict(preprocess),
                 [(i.id, [str(p) for p in i.paths]) for i in items],
             ]
@@ -146,6 +166,7 @@ def _plan(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
+        "weights_sha256": weights,
         "encoder": to_dict(encoder),
         "preprocess": to_dict(preprocess),
         "feature_dim": encoder.feature_dim,
@@ -171,7 +192,7 @@ def extract_features(
     """Run ``encoder`` over every item's frames into a cache at ``folder``; resumes if possible."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plan = _plan(items, encoder.config, preprocess)
+    plan = _plan(items, encoder.config, preprocess, weights_digest(encoder))
     index_path, progress_path = folder / "index.json", folder / "progress.json"
     state = {"done": 0, "failed": {}}
     if index_path.exists() and progress_path.exists():
@@ -251,9 +272,15 @@ def _covers(folder: Path, old: dict, plan: dict, items: Sequence[CaptionItem]) -
     Then a run over a subset (training's train and val items, after one extraction of a whole
     dataset) reads it instead of extracting again.
     """
-    same = json.loads(json.dumps([plan["encoder"], plan["preprocess"]]))  # tuples as lists
-    if [old.get("encoder"), old.get("preprocess")] != same:
+    same = json.loads(json.dumps(plan["preprocess"]))  # tuples as lists
+    if old.get("preprocess") != same or (
+        _encoder_identity(old.get("encoder", {})) != _encoder_identity(plan["encoder"])
+    ):
         return False
+    if None not in (old.get("weights_sha256"), plan.get("weights_sha256")) and (
+        old["weights_sha256"] != plan["weights_sha256"]
+    ):
+        return False  # older caches have no digest: their encoder config is all there is
     try:
         cache = FeatureCache.open(folder)
     except DatasetError:
