@@ -90,6 +90,17 @@ def test_json_formatter_adds_the_current_request_id_and_exceptions() -> None:
     assert "ValueError: inner" in line["exception"]
 
 
+def test_uvicorns_server_lines_are_not_labelled_as_errors() -> None:
+    def logger_of(name: str, level: int) -> str:
+        record = logging.LogRecord(name, level, __file__, 1, "Started server process", (), None)
+        return json.loads(JsonFormatter().format(record))["logger"]
+
+    # uvicorn logs its start-up and shutdown lines (INFO) on the logger named "uvicorn.error".
+    assert logger_of("uvicorn.error", logging.INFO) == "uvicorn"
+    assert logger_of("uvicorn.error", logging.ERROR) == "uvicorn"
+    assert logger_of("uvicorn.access", logging.INFO) == "uvicorn.access"
+
+
 def test_the_docs_routes_have_their_own_metrics_label(client) -> None:
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200
