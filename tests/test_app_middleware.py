@@ -107,3 +107,13 @@ def test_the_docs_routes_have_their_own_metrics_label(client) -> None:
     text = client.get("/metrics").text
     assert 'captioner_requests_total{endpoint="/openapi.json",status="200"}' in text
     assert 'captioner_requests_total{endpoint="/docs",status="200"}' in text
+
+
+def test_static_files_are_counted_under_their_folder_not_unmatched(client) -> None:
+    assert client.get("/docs/static/swagger-ui.css").status_code == 200
+    assert client.get("/docs/static/no-such-file.js").status_code == 404
+    text = client.get("/metrics").text
+    # One label per mounted folder, whatever the file: the label set stays bounded.
+    assert 'captioner_requests_total{endpoint="/docs/static",status="200"}' in text
+    assert 'captioner_requests_total{endpoint="/docs/static",status="404"}' in text
+    assert "swagger-ui.css" not in text and "no-such-file" not in text
