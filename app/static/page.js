@@ -95,14 +95,19 @@ function showPreview() {
     const list = el("ol", { className: "frames", "aria-label": "Frames, in the order sent" });
     chosen.forEach((file, i) => {
       const item = el("li");
-      item.append(media(file, `Frame ${i + 1}: ${file.name}`), el("span", {}, file.name));
+      const shown = media(file, `Frame ${i + 1}: ${file.name}`);
+      if (shown) item.append(shown);
+      item.append(el("span", {}, file.name));
       list.append(item);
     });
     box.append(list);
   } else {
+    const file = chosen[0];
+    const shown = media(file, `Preview of ${file.name}`);
     const figure = el("figure");
-    figure.append(media(chosen[0], `Preview of ${chosen[0].name}`));
-    figure.append(el("figcaption", {}, `${chosen[0].name} (${size(chosen[0].size)})`));
+    if (shown) figure.append(shown);
+    const about = `${file.name} (${size(file.size)})${shown ? "" : ": no preview for this type of file"}`;
+    figure.append(el("figcaption", {}, about));
     box.append(figure);
   }
 }
@@ -114,7 +119,7 @@ function media(file, label) {
   if (file.type.startsWith("image/")) {
     return el("img", { src: objectUrl(file), alt: label });
   }
-  return el("p", { className: "hint" }, `${file.name}: no preview for this type of file`);
+  return null;
 }
 
 // -- talking to the API ------------------------------------------------------------------------
