@@ -99,17 +99,20 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def tab(browser, server) -> Callable[..., Tab]:
+def tab(browser, server) -> Iterator[Callable[..., Tab]]:
     contexts = []
 
-    def open_tab(path: str = "/", viewport: dict[str, int] = WIDE) -> Tab:
+    def open_tab(viewport: dict[str, int] = WIDE, before: Callable | None = None) -> Tab:
+        """The page at /, in a new context; ``before(page)`` runs before it is loaded."""
         context = browser.new_context(viewport=viewport)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         opened = Tab(page, server.url)
         page.on("request", lambda request: opened.requests.append(request.url))
-        page.goto(server.url + path)
+        if before:
+            before(page)
+        page.goto(server.url + "/")
         return opened
 
     yield open_tab
@@ -250,6 +253,25 @@ def test_tags_and_the_out_of_domain_warning_are_shown(tab, server, artifacts) ->
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     page.screenshot(path=artifacts / "phone.png", full_page=True)
     assert_readable_contrast(page, ["body", ".hint", "a", "button", "#domain p", "th", "#caption"])
+    opened.assert_only_this_server()
+
+
+def test_the_page_says_when_the_model_is_still_loading_and_asks_again(tab) -> None:
+    asked = []
+
+    def loading_at_first(route: sync_api.Route) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:  # what a server still loading its model answers
+            body = '{"error": {"type": "not_ready", "message": "loading", "param": null}}'
+            route.fulfill(status=503, body=body, content_type="application/json")
+        else:
+            route.continue_()
+
+    opened = tab(before=lambda page: page.route("**/v1/models", loading_at_first))
+    model = opened.page.locator("#model")
+    sync_api.expect(model).to_have_text("The model is still loading…")
+    sync_api.expect(model).to_contain_text("Model captioner-scenes")
+    assert len(asked) == 2
     opened.assert_only_this_server()
 
 
