@@ -102,17 +102,22 @@ def artifacts(tmp_path_factory) -> Path:
 def tab(browser, server) -> Iterator[Callable[..., Tab]]:
     contexts = []
 
-    def open_tab(viewport: dict[str, int] = WIDE, before: Callable | None = None) -> Tab:
-        """The page at /, in a new context; ``before(page)`` runs before it is loaded."""
+    def open_tab(
+        path: str = "/",
+        viewport: dict[str, int] = WIDE,
+        before: Callable[[sync_api.Page], object] | None = None,
+        origin: str | None = None,
+    ) -> Tab:
+        """``path`` of the server (or of ``origin``) in a new context; ``before(page)`` first."""
         context = browser.new_context(viewport=viewport)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
-        opened = Tab(page, server.url)
+        opened = Tab(page, origin or server.url)
         page.on("request", lambda request: opened.requests.append(request.url))
         if before:
             before(page)
-        page.goto(server.url + "/")
+        page.goto(opened.origin + path)
         return opened
 
     yield open_tab
@@ -293,7 +298,7 @@ def test_the_page_works_from_the_keyboard(tab) -> None:
     opened.assert_only_this_server()
 
 
-def test_a_server_with_api_keys_gets_its_key_from_the_page(browser, tiny_checkpoint, tmp_path):
+def test_a_server_with_api_keys_gets_its_key_from_the_page(tab, tiny_checkpoint, tmp_path):
     env = {
         "CAPTIONER_MODEL_PATH": str(tiny_checkpoint),
         "CAPTIONER_DEVICE": "cpu",
@@ -301,37 +306,28 @@ def test_a_server_with_api_keys_gets_its_key_from_the_page(browser, tiny_checkpo
         "CAPTIONER_API_KEYS": "k-one,k-two",
     }
     with server_process(env, tmp_path / "server.log") as keyed:
-        context = browser.new_context(viewport=WIDE)
-        try:
-            page = context.new_page()
-            opened = Tab(page, keyed.url)
-            page.on("request", lambda request: opened.requests.append(request.url))
-            page.goto(keyed.url)
-            key = page.get_by_label("API key")
-            sync_api.expect(key).to_be_visible()
-            sync_api.expect(key).to_be_focused()
-            sync_api.expect(page.locator("#model")).to_contain_text("needs an API key")
-            key.fill("k-two")
-            key.press("Tab")  # a change event: the page asks again, with the key
-            sync_api.expect(page.locator("#model")).to_contain_text("Model tiny")
-            # The tiny model's CNN has no ImageNet classifier: the page says so.
-            sync_api.expect(page.get_by_label("Tags", exact=True)).to_be_disabled()
-            caption_with(opened, [SAMPLES / "scene.png"])
-            sync_api.expect(page.locator("#result")).to_be_visible()
-            assert page.locator("#caption").inner_text()
-            key.fill("wrong")
-            page.get_by_role("button", name="Caption").click()
-            error = page.locator("#error .message")
-            sync_api.expect(error).to_have_text("the API key is not valid")
-            opened.assert_only_this_server()
-        finally:
-            context.close()
+        opened = tab(origin=keyed.url)
+        page = opened.page
+        key = page.get_by_label("API key")
+        sync_api.expect(key).to_be_visible()
+        sync_api.expect(key).to_be_focused()
+        sync_api.expect(page.locator("#model")).to_contain_text("needs an API key")
+        key.fill("k-two")
+        key.press("Tab")  # a change event: the page asks again, with the key
+        sync_api.expect(page.locator("#model")).to_contain_text("Model tiny")
+        # The tiny model's CNN has no ImageNet classifier: the page says so.
+        sync_api.expect(page.get_by_label("Tags", exact=True)).to_be_disabled()
+        caption_with(opened, [SAMPLES / "scene.png"])
+        sync_api.expect(page.locator("#result")).to_be_visible()
+        assert page.locator("#caption").inner_text()
+        key.fill("wrong")
+        page.get_by_role("button", name="Caption").click()
+        error = page.locator("#error .message")
+        sync_api.expect(error).to_have_text("the API key is not valid")
+        opened.assert_only_this_server()
 
 
-def test_the_api_docs_list_the_operations_with_the_network_cut_off(browser, server, artifacts):
-    context = browser.new_context(viewport=WIDE)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+def test_the_api_docs_list_the_operations_with_the_network_cut_off(tab, server, artifacts):
     asked, cut = [], []
 
     def only_this_server(route: sync_api.Route) -> None:
@@ -343,20 +339,18 @@ def test_the_api_docs_list_the_operations_with_the_network_cut_off(browser, serv
             cut.append(url)
             route.abort("internetdisconnected")
 
-    page.route("**/*", only_this_server)
-    try:
-        page.goto(f"{server.url}/docs")
-        image = page.locator('.opblock-post .opblock-summary-path[data-path="/v1/captions/image"]')
-        sync_api.expect(image).to_be_visible()
-        schema = httpx.get(f"{server.url}/openapi.json").json()
-        for path, methods in schema["paths"].items():
-            for method in methods:
-                operation = page.locator(f'.opblock-{method} [data-path="{path}"]')
-                sync_api.expect(operation).to_have_count(1)
-        page.screenshot(path=artifacts / "docs-offline.png")
-    finally:
-        context.close()
+    opened = tab("/docs", before=lambda page: page.route("**/*", only_this_server))
+    page = opened.page
+    image = page.locator('.opblock-post .opblock-summary-path[data-path="/v1/captions/image"]')
+    sync_api.expect(image).to_be_visible()
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method in methods:
+            operation = page.locator(f'.opblock-{method} [data-path="{path}"]')
+            sync_api.expect(operation).to_have_count(1)
+    page.screenshot(path=artifacts / "docs-offline.png")
     assert cut == [] and any(url.endswith("/openapi.json") for url in asked), (cut, asked)
+    opened.assert_only_this_server()
 
 
 def drop(page: sync_api.Page, target: str, path: Path, mime: str) -> None:
