@@ -54,13 +54,16 @@ sync_api.expect.set_options(timeout=TIMEOUT_MS)
 
 @dataclass
 class Tab:
-    """A page in a fresh browser context, and every URL it asked for."""
+    """A page in a fresh browser context, every URL it asked for and its uncaught errors."""
 
     page: sync_api.Page
     origin: str
     requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def assert_only_this_server(self) -> None:
+        """Everything came from the server (previews are blob: URLs of its origin), and no
+        script failed."""
         assert self.requests, "no request was recorded"
         outside = [
             url
@@ -68,6 +71,7 @@ class Tab:
             if not url.removeprefix("blob:").startswith(self.origin + "/")
         ]
         assert outside == [], outside
+        assert self.errors == []
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,7 @@ def tab(browser, server) -> Iterator[Callable[..., Tab]]:
         page.set_default_timeout(TIMEOUT_MS)
         opened = Tab(page, origin or server.url)
         page.on("request", lambda request: opened.requests.append(request.url))
+        page.on("pageerror", lambda error: opened.errors.append(str(error)))
         if before:
             before(page)
         page.goto(opened.origin + path)
