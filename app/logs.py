@@ -14,6 +14,10 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _DROPPED = _STANDARD | {"color_message"}  # uvicorn's terminal-coloured copy of the message
+# uvicorn writes its server lines ("Started server process", "Shutting down") on a logger named
+# "uvicorn.error", a name kept from gunicorn; shown as is, every start-up reads like an error.
+# The level says whether a line is an error.
+_LOGGER_NAMES = {"uvicorn.error": "uvicorn"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -32,7 +36,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": _LOGGER_NAMES.get(record.name, record.name),
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _DROPPED})

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from app import docs, errors
+from app import docs, errors, page
 from app.auth import require_api_key
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served below from local files: self-hosted machines are often offline
     )
     docs.install(app)
+    page.install(app)
     app.state.service = service
     # Routes read settings through the cached dependency; make it agree with this app's.
     app.dependency_overrides[get_settings] = lambda: settings

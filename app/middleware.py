@@ -33,15 +33,16 @@ def request_id_from(headers: Headers) -> str:
     return sent if _SANE_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
-def _route_path(scope: Scope) -> str:
+def _route_path(scope: Scope, arrived: Scope) -> str:
     """The path template of the route that served a request (a bounded label), or "unmatched".
 
-    FastAPI records its API routes in the scope; the docs routes (/docs, /openapi.json) are
-    plain Starlette routes that do not, so those are matched here.
+    FastAPI records its API routes in the scope; plain Starlette routes (/, /docs,
+    /openapi.json) and mounted static folders (labelled by their folder) do not, so those are
+    matched here, against the scope as it ``arrived``: a mount rewrites the live one's root_path.
     """
     route = scope.get("route")
     if route is None and "app" in scope:
-        route = next((r for r in scope["app"].routes if r.matches(scope)[0] is Match.FULL), None)
+        route = next((r for r in scope["app"].routes if r.matches(arrived)[0] is Match.FULL), None)
     return getattr(route, "path", None) or "unmatched"
 
 
@@ -56,6 +57,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        arrived = dict(scope)
         request_id = request_id_from(Headers(scope=scope))
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, started
@@ -83,11 +85,13 @@ class RequestContextMiddleware:
             await ApiError("internal_error", GENERIC_500).response()(scope, receive, send_with_id)
         finally:
             self.metrics.in_progress.dec()
-            self._record(scope, request_id, status, time.perf_counter() - started)
+            self._record(scope, arrived, request_id, status, time.perf_counter() - started)
             logs.request_id.reset(token)
 
-    def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
-        endpoint = _route_path(scope)
+    def _record(
+        self, scope: Scope, arrived: Scope, request_id: str, status: int, seconds: float
+    ) -> None:
+        endpoint = _route_path(scope, arrived)
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
         error_type = scope["state"].get("error_type")

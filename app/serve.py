@@ -2,11 +2,18 @@
 
 On SIGTERM/SIGINT the server stops accepting connections, answers any new request with 503,
 lets in-flight requests finish (at most CAPTIONER_SHUTDOWN_TIMEOUT_S), then drains the batcher.
+
+Exit codes: 0 once a stop asked by either signal has finished (a second Ctrl-C cuts the drain
+short), 1 when the model failed to load. uvicorn itself re-raises the signal
+after its graceful shutdown, which made SIGTERM exit 143 and Ctrl-C 130 with a
+KeyboardInterrupt, but 0 for either as PID 1 in a container, where the kernel ignores it; a
+stop that was asked for and done is a success, as it is for gunicorn and systemd.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -31,8 +38,11 @@ class _Server(uvicorn.Server):
         self.on_signal = on_signal
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's own handling, except that the signal is not re-raised on the way out."""
         self.on_signal()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+        self.should_exit = True
 
 
 def run(model: Path | None = None, host: str | None = None, port: int | None = None) -> int:

@@ -90,9 +90,30 @@ def test_json_formatter_adds_the_current_request_id_and_exceptions() -> None:
     assert "ValueError: inner" in line["exception"]
 
 
+def test_uvicorns_server_lines_are_not_labelled_as_errors() -> None:
+    def logger_of(name: str, level: int) -> str:
+        record = logging.LogRecord(name, level, __file__, 1, "Started server process", (), None)
+        return json.loads(JsonFormatter().format(record))["logger"]
+
+    # uvicorn logs its start-up and shutdown lines (INFO) on the logger named "uvicorn.error".
+    assert logger_of("uvicorn.error", logging.INFO) == "uvicorn"
+    assert logger_of("uvicorn.error", logging.ERROR) == "uvicorn"
+    assert logger_of("uvicorn.access", logging.INFO) == "uvicorn.access"
+
+
 def test_the_docs_routes_have_their_own_metrics_label(client) -> None:
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200
     text = client.get("/metrics").text
     assert 'captioner_requests_total{endpoint="/openapi.json",status="200"}' in text
     assert 'captioner_requests_total{endpoint="/docs",status="200"}' in text
+
+
+def test_static_files_are_counted_under_their_folder_not_unmatched(client) -> None:
+    assert client.get("/docs/static/swagger-ui.css").status_code == 200
+    assert client.get("/docs/static/no-such-file.js").status_code == 404
+    text = client.get("/metrics").text
+    # One label per mounted folder, whatever the file: the label set stays bounded.
+    assert 'captioner_requests_total{endpoint="/docs/static",status="200"}' in text
+    assert 'captioner_requests_total{endpoint="/docs/static",status="404"}' in text
+    assert "swagger-ui.css" not in text and "no-such-file" not in text
