@@ -102,15 +102,26 @@ def count_items(specs: Sequence[str]) -> int:
 
 
 def _walk(fs: Any, folder: str, url: bool) -> Iterator[Item]:
-    entries = sorted(fs.ls(folder, detail=True), key=lambda entry: entry["name"])
-    for entry in entries:
-        name = entry["name"]
+    """A folder's media files, depth first in name order; one directory's names in memory at a
+    time (about 100 MB for a million files in one directory: sorting needs them all)."""
+    for name, is_dir in _entries_of(fs, folder):
         if _hidden(name):
             continue
-        if entry["type"] == "directory":
+        if is_dir:
             yield from _walk(fs, name, url)
         elif suffix(name) in MEDIA_SUFFIXES:
             yield Item(shown_path(fs, name, url))
+
+
+def _entries_of(fs: Any, folder: str) -> list[tuple[str, bool]]:
+    """A directory's entries (full name, is a directory), sorted by name."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):  # os.scandir: names only, no per-file detail dicts
+        with os.scandir(folder) as scan:
+            return sorted((entry.path, entry.is_dir()) for entry in scan)
+    entries = fs.ls(folder, detail=True)
+    return sorted((entry["name"], entry["type"] == "directory") for entry in entries)
 
 
 def _expand(fs: Any, path: str, url: bool, with_data: bool) -> Iterator[Item]:
