@@ -286,3 +286,17 @@ def test_progress_bar_counts_the_inputs_for_its_eta(tmp_path: Path, captioner, m
     run_local(captioner, [str(lib)], str(tmp_path / "out"), options=captioner.options())
     (bar,) = bars
     assert (bar.n, bar.total, bar.unit) == (7, 7, "item")
+
+
+def test_output_may_be_an_fsspec_url(tmp_path: Path, captioner: Captioner) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(3):
+        colour(i).save(lib / f"{i}.png")
+    summary = run_local(
+        captioner, [str(lib)], f"file://{tmp_path / 'out'}", options=captioner.options()
+    )
+    assert summary.shards_written == [str(tmp_path / "out" / "part-000000.parquet")]
+    assert [row["path"] for row in rows(tmp_path / "out")] == [
+        str(lib / f"{i}.png") for i in range(3)
+    ]

@@ -141,9 +141,11 @@ def run_ray(
         num_cpus=1 if not gpus_per_actor else 0,
         num_gpus=gpus_per_actor,
     )
-    captioned.write_parquet(output)
+    fs, root = filesystem(output)  # a local path is made absolute: Ray's workers have no cwd
+    arrow_fs = _arrow_filesystem(fs)
+    captioned.write_parquet(root, filesystem=arrow_fs)
     summary = Summary(seconds=time.perf_counter() - started)
-    errors = pq.read_table(output, columns=["error_type"]).column(0)
+    errors = pq.read_table(root, filesystem=arrow_fs, columns=["error_type"])[0]
     summary.failed = len(errors) - errors.null_count
     summary.done = errors.null_count
     return summary
