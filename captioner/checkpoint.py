@@ -91,22 +91,7 @@ def load_checkpoint(
     directory: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> Checkpoint:
     """Load and validate a checkpoint folder (or its config.json)."""
-    directory = Path(directory)
-    if directory.name == CONFIG_FILE:
-        directory = directory.parent
-    config_path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: no such checkpoint folder")
-    if not config_path.is_file():
-        raise ModelLoadError(
-            f"{directory}: not a captioner checkpoint ({CONFIG_FILE} is missing); "
-            "pass the folder that `captioner train` wrote"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({exc}); the file is corrupt") from exc
-    _check_format(config, config_path)
+    directory, config_path, config = _read_config(directory)
     try:
         model_config = from_dict(ModelConfig, config["model"], where="model")
         preprocess = from_dict(PreprocessConfig, config["preprocess"], where="preprocess")
@@ -133,6 +118,41 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
     return Checkpoint(model, vocab, preprocess, decoding, config.get("metadata", {}))
+
+
+def load_configs(directory: str | Path) -> tuple[PreprocessConfig, DecodingOptions]:
+    """A checkpoint's preprocessing and default decoding options, without building the model:
+    what a batch job's driver and its decode workers need."""
+    _, config_path, config = _read_config(directory)
+    try:
+        preprocess = from_dict(PreprocessConfig, config["preprocess"], where="preprocess")
+        decoding = from_dict(DecodingOptions, config.get("decoding", {}), where="decoding")
+        return preprocess, decoding.validate()
+    except KeyError as exc:
+        raise ModelLoadError(f"{config_path}: missing section {exc}") from exc
+    except CaptionerError as exc:
+        raise ModelLoadError(f"{config_path}: invalid config: {exc}") from exc
+
+
+def _read_config(directory: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The checkpoint folder, its config.json's path and contents, checked for format."""
+    directory = Path(directory)
+    if directory.name == CONFIG_FILE:
+        directory = directory.parent
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such checkpoint folder")
+    if not config_path.is_file():
+        raise ModelLoadError(
+            f"{directory}: not a captioner checkpoint ({CONFIG_FILE} is missing); "
+            "pass the folder that `captioner train` wrote"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({exc}); the file is corrupt") from exc
+    _check_format(config, config_path)
+    return directory, config_path, config
 
 
 def _check_format(config: Any, path: Path) -> None:

@@ -1,7 +1,7 @@
 """The ``captioner`` command line. ``main(argv)`` returns the exit code, so tests call it
 in-process.
 
-Subcommands: caption, data generate, data emoji, features extract, train, evaluate, serve.
+Subcommands: caption, batch, data generate, data emoji, features extract, train, evaluate, serve.
 Results go to stdout; logs and one-line errors go to stderr.
 """
 
@@ -14,9 +14,9 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError, StillImageError
 from captioner.media_types import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_video_path
@@ -67,36 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's own (see GET /v1/models); ranges are checked.",
     )
     caption.add_argument("paths", nargs="+", type=Path, help="image/video files or folders")
-    caption.add_argument(
-        "--model", type=Path, default=None, help="checkpoint folder (default: shipped)"
-    )
-    caption.add_argument(
-        "--beam-size", type=int, default=None, help=f"beams searched, {_range('beam_size')}"
-    )
-    caption.add_argument(
-        "--num-captions",
-        type=int,
-        default=None,
-        help=f"captions per input, best first; at most --beam-size; {_range('num_captions')}",
-    )
-    caption.add_argument(
-        "--max-length", type=int, default=None, help=f"most words, {_range('max_length')}"
-    )
-    caption.add_argument(
-        "--length-penalty",
-        type=float,
-        default=None,
-        help=f"ranking: log_prob / length**penalty, {_range('length_penalty')}",
-    )
-    caption.add_argument(
-        "--num-frames", type=int, default=None, help="frames sampled per video (the model's: 8)"
-    )
-    caption.add_argument(
-        "--tags", type=int, default=None, metavar="K", help=f"top K ImageNet tags, {_range('tags')}"
-    )
-    caption.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
-    )
+    _add_model_options(caption)
     caption.add_argument(
         "--format",
         choices=("jsonl", "table"),
@@ -109,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.set_defaults(handler=_cmd_caption)
 
+    _add_batch_command(commands)
+
     serve = commands.add_parser("serve", help="run the HTTP captioning service (uvicorn)")
     serve.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
     serve.add_argument("--host", default=None, help="default 0.0.0.0, or CAPTIONER_HOST")
@@ -119,6 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_train.add_commands(commands)
     return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The model, device and decoding options that `caption` and `batch` share."""
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint folder (default: shipped)"
+    )
+    parser.add_argument(
+        "--beam-size", type=int, default=None, help=f"beams searched, {_range('beam_size')}"
+    )
+    parser.add_argument(
+        "--num-captions",
+        type=int,
+        default=None,
+        help=f"captions per input, best first; at most --beam-size; {_range('num_captions')}",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=None, help=f"most words, {_range('max_length')}"
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        help=f"ranking: log_prob / length**penalty, {_range('length_penalty')}",
+    )
+    parser.add_argument(
+        "--num-frames", type=int, default=None, help="frames sampled per video (the model's: 8)"
+    )
+    parser.add_argument(
+        "--tags", type=int, default=None, metavar="K", help=f"top K ImageNet tags, {_range('tags')}"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
+    )
 
 
 def _range(option: str) -> str:
@@ -143,13 +150,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     from captioner.inference import Captioner
 
     captioner = Captioner.load(args.model, device=args.device)
-    options = captioner.options(
-        beam_size=args.beam_size,
-        num_captions=args.num_captions,
-        max_length=args.max_length,
-        length_penalty=args.length_penalty,
-        tags=args.tags,
-    )
+    options = captioner.options(**_decoding_overrides(args))
     if args.num_frames is not None and args.num_frames < 1:
         raise CaptionerError("--num-frames must be at least 1")
     failures = 0
@@ -189,6 +190,119 @@ def _cmd_caption(args: argparse.Namespace) -> int:
             print(f"captioner: error: {message}", file=sys.stderr)
     flush()
     return EXIT_INPUT_FAILED if failures else 0
+
+
+def _add_batch_command(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="caption a whole library or dataset into Parquet (resumable; Ray optional)",
+        description="Caption every input under folders, globs, lists of paths (.jsonl with a "
+        '"path" key, .csv/.parquet with a "path" column, .txt) or WebDataset .tar shards, '
+        "local or fsspec URLs, into Parquet shards under --output. A failed input is a row "
+        "with its error; the summary line goes to stdout. Run the same command again to "
+        "resume a stopped run (single-machine engine).",
+    )
+    batch.add_argument("inputs", nargs="+", help="folders, globs, files, lists, .tar shards, URLs")
+    batch.add_argument("-o", "--output", required=True, help="output folder (local or URL)")
+    _add_model_options(batch)
+    batch.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: Ray Data (pip install 'captioner[ray]')",
+    )
+    batch.add_argument(
+        "--batch-size", type=int, default=16, help="inputs per model call (default 16)"
+    )
+    batch.add_argument(
+        "--shard-size", type=int, default=1000, help="inputs per output file (local; 1000)"
+    )
+    batch.add_argument(
+        "--workers", type=int, default=None, help="decoding threads (local; default: the CPUs)"
+    )
+    batch.add_argument(
+        "--overwrite", action="store_true", help="delete what --output holds and start over"
+    )
+    batch.add_argument(
+        "--no-count",
+        dest="count",
+        action="store_false",
+        help="do not count the inputs for the progress bar's ETA (local; for streamed lists)",
+    )
+    ray = batch.add_argument_group("ray engine")
+    ray.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
+    )
+    ray.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="model replicas (default: one per GPU, else a quarter of the CPUs)",
+    )
+    ray.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per model replica (default: 1 when the cluster has GPUs, else 0)",
+    )
+    batch.set_defaults(handler=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    if args.num_frames is not None and args.num_frames < 1:
+        raise CaptionerError("--num-frames must be at least 1")
+    if args.engine == "ray":
+        from captioner.batch.ray_engine import require_ray, run_ray
+        from captioner.checkpoint import load_configs
+        from captioner.inference import DEFAULT_MODEL_DIR
+
+        require_ray()
+        # Checked here, before any cluster work; the actors check tags against their model.
+        _, defaults = load_configs(args.model or DEFAULT_MODEL_DIR)
+        overrides = {k: v for k, v in _decoding_overrides(args).items() if v is not None}
+        options = replace(defaults, **overrides).validate()
+        summary = run_ray(
+            args.inputs,
+            args.output,
+            model=args.model,
+            options=options,
+            num_frames=args.num_frames,
+            batch_size=args.batch_size,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            device=args.device,
+            address=args.address,
+            overwrite=args.overwrite,
+        )
+    else:
+        from captioner.batch.local import run_local
+        from captioner.inference import Captioner
+
+        captioner = Captioner.load(args.model, device=args.device)
+        summary = run_local(
+            captioner,
+            args.inputs,
+            args.output,
+            options=captioner.options(**_decoding_overrides(args)),
+            num_frames=args.num_frames,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            count_first=args.count,
+        )
+    print(f"captioner batch: {summary.line()}", flush=True)
+    return 0
+
+
+def _decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "beam_size": args.beam_size,
+        "num_captions": args.num_captions,
+        "max_length": args.max_length,
+        "length_penalty": args.length_penalty,
+        "tags": args.tags,
+    }
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

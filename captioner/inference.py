@@ -28,12 +28,10 @@ from captioner.media import (
     DEFAULT_MAX_PIXELS,
     ImageInfo,
     ImageSource,
-    Preprocessor,
+    MediaPreparer,
     VideoInfo,
     VideoLimits,
     VideoSource,
-    open_image,
-    read_video,
 )
 from captioner.model import frame_mask
 from captioner.onnx_encoder import OnnxEncoder, fast_encoder
@@ -103,9 +101,8 @@ class Captioner:
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(self.device).eval()
         self.vocab = checkpoint.vocab
-        self.preprocess = Preprocessor(checkpoint.preprocess)
-        # Large JPEGs decode at reduced size, still twice what the resize keeps (media.py).
-        self._draft_size = 2 * checkpoint.preprocess.resize_size
+        self.media = MediaPreparer(checkpoint.preprocess)  # decoding, shared with batch jobs
+        self.preprocess = self.media.preprocess
         self.name = str(checkpoint.metadata.get("name", name))
         self.version = str(checkpoint.metadata.get("version", "0"))
         self.max_batch_size = max_batch_size
@@ -180,8 +177,7 @@ class Captioner:
 
         Errors name the image by ``label`` when given (else by its path or size).
         """
-        image, info = open_image(source, max_pixels=max_pixels, draft=self._draft_size, label=label)
-        return self.preprocess(image).unsqueeze(0), info
+        return self.media.image(source, max_pixels=max_pixels, label=label)
 
     def prepare_frames(
         self, frames: Sequence[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -190,13 +186,7 @@ class Captioner:
 
         A frame that cannot be read is named by its position: ``frames[2]``.
         """
-        if not frames:
-            raise InvalidMediaError("a frame sequence needs at least one frame")
-        opened = [
-            open_image(f, max_pixels=max_pixels, draft=self._draft_size, label=f"frames[{i}]")
-            for i, f in enumerate(frames)
-        ]
-        return self.preprocess.frames([image for image, _ in opened]), opened[0][1]
+        return self.media.frames(list(frames), max_pixels=max_pixels)
 
     def prepare_video(
         self,
@@ -211,8 +201,7 @@ class Captioner:
         Errors name the video by ``label`` when given (a server's upload is "video", not the
         path of its temporary file).
         """
-        frames, info = read_video(source, num_frames or self.num_frames, limits, label=label)
-        return self.preprocess.frames(frames), info
+        return self.media.video(source, num_frames, limits, label=label)
 
     # -- serving set-up ------------------------------------------------------------------
 

@@ -185,6 +185,56 @@ class Preprocessor:
         return torch.stack([self(image) for image in images])
 
 
+class MediaPreparer:
+    """Decodes images, frame sequences and videos into the model's input tensors.
+
+    The one decoding path: ``Captioner.prepare_*`` (the server and the CLI) and the batch
+    engines' decode tasks, which need the preprocessing config but not the model, use it.
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.preprocess = Preprocessor(config)
+        self.num_frames = config.num_frames
+        # Large JPEGs decode at reduced size, still twice what the resize keeps (open_image).
+        self.draft_size = 2 * config.resize_size
+
+    def image(
+        self,
+        source: ImageSource,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        label: str | None = None,
+    ) -> tuple[torch.Tensor, ImageInfo]:
+        """An image as a one-frame sequence tensor (1, 3, S, S), and what the image was."""
+        image, info = open_image(source, max_pixels=max_pixels, draft=self.draft_size, label=label)
+        return self.preprocess(image).unsqueeze(0), info
+
+    def frames(
+        self, frames: list[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> tuple[torch.Tensor, ImageInfo]:
+        """An ordered frame sequence as a (T, 3, S, S) tensor, and what its first frame was."""
+        if not frames:
+            raise InvalidMediaError("a frame sequence needs at least one frame")
+        opened = [
+            open_image(f, max_pixels=max_pixels, draft=self.draft_size, label=f"frames[{i}]")
+            for i, f in enumerate(frames)
+        ]
+        return self.preprocess.frames([image for image, _ in opened]), opened[0][1]
+
+    def video(
+        self,
+        source: VideoSource,
+        num_frames: int | None = None,
+        limits: VideoLimits | None = None,
+        *,
+        label: str | None = None,
+    ) -> tuple[torch.Tensor, VideoInfo]:
+        """``num_frames`` (default: the model's) frames sampled uniformly over a video, as a
+        (T, 3, S, S) tensor."""
+        frames, info = read_video(source, num_frames or self.num_frames, limits, label=label)
+        return self.preprocess.frames(frames), info
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What a decoded video was: reported back to clients."""

@@ -36,7 +36,7 @@ LAYERS = {
         "device",
         "data",
     ],
-    "uses": ["inference", "training", "evaluation"],
+    "uses": ["inference", "training", "evaluation", "batch"],
     "entry": ["cli", "cli_train"],
 }
 
@@ -107,5 +107,5 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     examples = ("captioner.vocab", "captioner.data.readers", "captioner.cli")
     assert [layer(m) for m in examples] == [0, 1, 3]
     listed = {name for names in LAYERS.values() for name in names} - {"captioner"}
-    present = {p.stem for p in (ROOT / "captioner").glob("*.py")} | {"data"}
+    present = {p.stem for p in (ROOT / "captioner").glob("*.py")} | {"data", "batch"}
     assert listed == present - {"__init__"}, "a module is missing from LAYERS (and the docs)"
