@@ -24,6 +24,7 @@ from app import logs
 from app.engine_errors import EngineError, InputFailed, NotReady, QueueFull, TooManyFrames
 from captioner.errors import (
     CaptionerError,
+    DecodeTimeoutError,
     InvalidMediaError,
     InvalidOptionError,
     MediaTooLargeError,
@@ -51,6 +52,9 @@ ERROR_TYPES: dict[str, ErrorType] = {
     "method_not_allowed": ErrorType(405, "The path exists but not for this HTTP method."),
     "payload_too_large": ErrorType(
         413, "Over a byte, pixel or duration limit (see GET /v1/models for the limits)."
+    ),
+    "decode_timeout": ErrorType(
+        413, "A video took longer than CAPTIONER_MAX_DECODE_S to decode; send a smaller one."
     ),
     "too_many_images": ErrorType(413, "More images than CAPTIONER_MAX_IMAGES in one request."),
     "too_many_frames": ErrorType(413, "More frames than CAPTIONER_MAX_FRAMES were asked for."),
@@ -142,6 +146,8 @@ def from_exception(
         return ApiError("invalid_parameter", str(exc), param=exc.param or param)
     if isinstance(exc, StillImageError):
         return ApiError("invalid_video", f"{exc}; send it to POST /v1/captions/image", param=param)
+    if isinstance(exc, DecodeTimeoutError):
+        return ApiError("decode_timeout", str(exc), param=param)
     if isinstance(exc, MediaTooLargeError):
         return ApiError("payload_too_large", str(exc), param=param)
     if isinstance(exc, InvalidMediaError):

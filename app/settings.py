@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     )
     max_video_duration_s: float = Field(600.0, gt=0, description="longest video accepted")
     max_video_pixels: int = Field(4096 * 2160, ge=1, description="per video frame")
+    max_decode_s: float = Field(
+        20.0,
+        gt=0,
+        description="wall-clock budget to read one video (checked between packets); past it, "
+        "413 decode_timeout and the worker is free again. Keep it under request_timeout_s",
+    )
 
     # -- auth --------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

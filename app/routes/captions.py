@@ -143,7 +143,7 @@ async def caption_images(
     "/video",
     summary="Describe a video, or an ordered list of frames",
     openapi_extra=VIDEO_BODY,
-    responses=error_responses("invalid_video", "too_many_frames", *COMMON_ERRORS),
+    responses=error_responses("invalid_video", "decode_timeout", "too_many_frames", *COMMON_ERRORS),
 )
 async def caption_video(
     context: CaptionContextDep, options: Annotated[VideoOptions, Query()]
