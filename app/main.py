@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served below from local files: self-hosted machines are often offline
     )
     docs.install(app)
+    docs.describe_auth(app, settings)
     app.state.service = service
     # Routes read settings through the cached dependency; make it agree with this app's.
     app.dependency_overrides[get_settings] = lambda: settings
