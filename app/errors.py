@@ -48,6 +48,11 @@ ERROR_TYPES: dict[str, ErrorType] = {
     "invalid_image": ErrorType(400, "An image could not be decoded, or is not a supported format."),
     "invalid_video": ErrorType(400, "A video (or one of its frames) could not be decoded."),
     "unauthorized": ErrorType(401, "API keys are configured and no valid bearer key was sent."),
+    "body_timeout": ErrorType(
+        408,
+        "The request body did not arrive within CAPTIONER_BODY_TIMEOUT_S, or paused longer than "
+        "CAPTIONER_BODY_IDLE_TIMEOUT_S.",
+    ),
     "not_found": ErrorType(404, "No such path."),
     "method_not_allowed": ErrorType(405, "The path exists but not for this HTTP method."),
     "payload_too_large": ErrorType(
@@ -76,6 +81,7 @@ _TYPE_FOR_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameter",

@@ -49,6 +49,29 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
+    # -- slow clients and connections --------------------------------------------------------
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must send a whole request head within this (from when it "
+        "opens, or its last answer); else it is closed",
+    )
+    body_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a request body must arrive in full within this (from its head); past it, 408",
+    )
+    body_idle_timeout_s: float = Field(
+        30.0, gt=0, description="the longest pause between two pieces of a body; past it, 408"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="open connections (and requests in progress) at once; beyond, uvicorn's 503",
+    )
 
     # -- engine ------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="inputs per model call")

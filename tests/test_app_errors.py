@@ -35,6 +35,7 @@ DOCUMENTED = {
     "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
+    "body_timeout": 408,
     "payload_too_large": 413,
     "decode_timeout": 413,
     "too_many_images": 413,
