@@ -65,8 +65,10 @@ class _HeadTimeoutH11(H11Protocol):
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_due, waiting_after)
 
     def _head_due(self, waiting_after: object) -> None:
-        # A new request head arrived in time if a new cycle started since the timer was armed.
-        if self.cycle is waiting_after and not self.transport.is_closing():
+        # A new request head arrived in time if a new cycle started since the timer was armed
+        # (or one is still being answered: a pipelined request starts as the last one ends).
+        idle = self.cycle is None or self.cycle.response_complete
+        if self.cycle is waiting_after and idle and not self.transport.is_closing():
             self.transport.close()
 
 

@@ -306,6 +306,8 @@ def read_video(
             if not container.streams.video:
                 raise InvalidMediaError(f"{name}: has no video stream")
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # FFmpeg knows no decoder for it
+                raise InvalidMediaError(f"{name}: its video codec is unknown or unsupported")
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
             if width * height > limits.max_pixels:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -19,6 +20,8 @@ from captioner.media import (
     sample_indices,
 )
 from tests.conftest import make_slow_video, make_video, png_bytes
+
+SAMPLES = Path(__file__).resolve().parents[1] / "captioner" / "assets" / "samples"
 
 
 def test_load_image_from_bytes_path_and_pil(tmp_path) -> None:
@@ -122,6 +125,14 @@ def test_corrupt_and_unsupported_videos(tmp_path) -> None:
             container.mux(packet)
     with pytest.raises(InvalidMediaError, match="no video stream"):
         read_video(audio_only.getvalue(), 4)
+
+
+def test_a_video_stream_of_an_unknown_codec_is_invalid_media() -> None:
+    # Found by the soak (benchmarks/soak.py): a mutated mp4 whose sample entry names no codec
+    # FFmpeg has; PyAV then gives the stream no codec context, which was a 500.
+    clip = (SAMPLES / "motion.mp4").read_bytes()
+    with pytest.raises(InvalidMediaError, match="codec is unknown"):
+        read_video(clip.replace(b"avc1", b"zzzz"), 4)
 
 
 def test_video_limits(tmp_path) -> None:
