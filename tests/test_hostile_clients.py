@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 import select
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -106,6 +108,7 @@ def test_serve_passes_the_connection_limits_to_uvicorn(tiny_checkpoint, monkeypa
 
     monkeypatch.setattr(serve.logs, "configure", lambda level: None)
     monkeypatch.setattr(serve._Server, "run", fake_run)
+    monkeypatch.setattr(serve, "limit_malloc_arenas", lambda: seen.setdefault("arenas", True))
     for name, value in [
         ("HEADER_TIMEOUT_S", "7"),
         ("KEEP_ALIVE_TIMEOUT_S", "3"),
@@ -116,6 +119,15 @@ def test_serve_passes_the_connection_limits_to_uvicorn(tiny_checkpoint, monkeypa
     config = seen["config"]
     assert (config.timeout_keep_alive, config.limit_concurrency) == (3, 50)
     assert issubclass(config.http, serve._HeadTimeoutH11) and config.http.head_timeout_s == 7
+    assert seen["arenas"]
+
+
+def test_malloc_arenas_are_capped_unless_the_operator_chose(monkeypatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert serve.limit_malloc_arenas() is False  # the operator's choice stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert serve.limit_malloc_arenas() is glibc
 
 
 def test_a_body_that_pauses_or_drags_on_gets_a_408() -> None:
