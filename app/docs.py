@@ -7,11 +7,16 @@ FastAPI's own helper, pointing at the package's copy served under /docs/static.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
+
+from app.errors import ERROR_TYPES, ApiError
+from app.settings import Settings
 
 STATIC = "/docs/static"
 
@@ -39,3 +44,42 @@ def install(app: FastAPI) -> None:
 
     app.add_route("/docs", swagger_ui, include_in_schema=False)
     app.add_route("/docs/oauth2-redirect", swagger_ui_redirect, include_in_schema=False)
+
+
+def describe_auth(app: FastAPI, settings: Settings) -> None:
+    """Make /openapi.json say what this server's key check does, as configured.
+
+    FastAPI marks every operation as needing the bearer key, since the check is an app-wide
+    dependency. Without keys nothing needs one; with keys, the exempt paths (probes, metrics)
+    need none, and every other operation may answer 401.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _shape_security(generate(), settings)
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _shape_security(schema: dict[str, Any], settings: Settings) -> None:
+    unauthorized = {
+        "description": f"`unauthorized`: {ERROR_TYPES['unauthorized'].description}",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                "example": ApiError("unauthorized", "the API key is not valid").body(),
+            }
+        },
+    }
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            if not settings.api_keys or path in settings.auth_exempt_paths:
+                operation.pop("security", None)
+                operation["responses"].pop("401", None)
+            else:
+                operation["responses"].setdefault("401", unauthorized)
+    if not settings.api_keys:
+        schema.get("components", {}).pop("securitySchemes", None)

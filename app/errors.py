@@ -24,6 +24,7 @@ from app import logs
 from app.engine_errors import EngineError, InputFailed, NotReady, QueueFull, TooManyFrames
 from captioner.errors import (
     CaptionerError,
+    DecodeTimeoutError,
     InvalidMediaError,
     InvalidOptionError,
     MediaTooLargeError,
@@ -47,10 +48,18 @@ ERROR_TYPES: dict[str, ErrorType] = {
     "invalid_image": ErrorType(400, "An image could not be decoded, or is not a supported format."),
     "invalid_video": ErrorType(400, "A video (or one of its frames) could not be decoded."),
     "unauthorized": ErrorType(401, "API keys are configured and no valid bearer key was sent."),
+    "body_timeout": ErrorType(
+        408,
+        "The request body did not arrive within CAPTIONER_BODY_TIMEOUT_S, or paused longer than "
+        "CAPTIONER_BODY_IDLE_TIMEOUT_S.",
+    ),
     "not_found": ErrorType(404, "No such path."),
     "method_not_allowed": ErrorType(405, "The path exists but not for this HTTP method."),
     "payload_too_large": ErrorType(
         413, "Over a byte, pixel or duration limit (see GET /v1/models for the limits)."
+    ),
+    "decode_timeout": ErrorType(
+        413, "A video took longer than CAPTIONER_MAX_DECODE_S to decode; send a smaller one."
     ),
     "too_many_images": ErrorType(413, "More images than CAPTIONER_MAX_IMAGES in one request."),
     "too_many_frames": ErrorType(413, "More frames than CAPTIONER_MAX_FRAMES were asked for."),
@@ -72,6 +81,7 @@ _TYPE_FOR_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameter",
@@ -142,6 +152,8 @@ def from_exception(
         return ApiError("invalid_parameter", str(exc), param=exc.param or param)
     if isinstance(exc, StillImageError):
         return ApiError("invalid_video", f"{exc}; send it to POST /v1/captions/image", param=param)
+    if isinstance(exc, DecodeTimeoutError):
+        return ApiError("decode_timeout", str(exc), param=param)
     if isinstance(exc, MediaTooLargeError):
         return ApiError("payload_too_large", str(exc), param=param)
     if isinstance(exc, InvalidMediaError):

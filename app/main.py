@@ -64,11 +64,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     docs.install(app)
     page.install(app)
+    docs.describe_auth(app, settings)
     app.state.service = service
     # Routes read settings through the cached dependency; make it agree with this app's.
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app, retry_after_s=settings.retry_after_s)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        access_log=settings.access_log,
+        body_timeout_s=settings.body_timeout_s,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+    )
     for router in (captions.router, models.router, health.router, metrics_route.router):
         app.include_router(router)
     return app

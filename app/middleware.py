@@ -1,10 +1,12 @@
-"""The one ASGI middleware: request ids, access logs, request metrics, and the last-resort 500.
+"""The one ASGI middleware: request ids, access logs, request metrics, body-read timeouts, and
+the last-resort 500.
 
 It is plain ASGI (no BaseHTTPMiddleware) so that bodies stream through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -46,11 +48,48 @@ def _route_path(scope: Scope, arrived: Scope) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
+def timed_receive(receive: Receive, *, started: float, total_s: float, idle_s: float) -> Receive:
+    """``receive``, raising a 408 ``body_timeout`` when the body is not in by ``started +
+    total_s``, or pauses longer than ``idle_s``; once the body is in, it waits as long as it
+    takes (for a disconnect)."""
+    body_done = False
+
+    async def receive_within() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        wait = min(idle_s, started + total_s - time.perf_counter())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(
+                "body_timeout",
+                f"the request body did not arrive in time (at most {total_s:g} s in all, "
+                f"pauses of at most {idle_s:g} s)",
+                headers={"Connection": "close"},  # the rest of the body is never read
+            ) from None
+        body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_within
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        access_log: bool = True,
+        body_timeout_s: float = 300.0,
+        body_idle_timeout_s: float = 30.0,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.body_timeout_s = body_timeout_s
+        self.body_idle_timeout_s = body_idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,11 +111,19 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
+        receive = timed_receive(
+            receive, started=started, total_s=self.body_timeout_s, idle_s=self.body_idle_timeout_s
+        )
         self.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             status = CLIENT_CLOSED
+        except ApiError as exc:  # a body timeout where no exception handler runs
+            state["error_type"] = exc.type
+            if response_started:
+                raise
+            await exc.response()(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id})
             state["error_type"] = "internal_error"

@@ -308,7 +308,11 @@ class CaptionService:
     def _prepare_video(self, path: Path, num_frames: int) -> Prepared:
         started = time.perf_counter()
         s = self.settings
-        limits = VideoLimits(max_duration_s=s.max_video_duration_s, max_pixels=s.max_video_pixels)
+        limits = VideoLimits(
+            max_duration_s=s.max_video_duration_s,
+            max_pixels=s.max_video_pixels,
+            max_decode_s=s.max_decode_s,
+        )
         # Named "video" in errors: the path is the server's temporary file, not the client's.
         tensor, info = self._model.prepare_video(path, num_frames, limits, label="video")
         return Prepared(tensor, _video_input(info), self._timed("video", started))

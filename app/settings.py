@@ -49,6 +49,29 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
+    # -- slow clients and connections --------------------------------------------------------
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must send a whole request head within this (from when it "
+        "opens, or its last answer); else it is closed",
+    )
+    body_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a request body must arrive in full within this (from its head); past it, 408",
+    )
+    body_idle_timeout_s: float = Field(
+        30.0, gt=0, description="the longest pause between two pieces of a body; past it, 408"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="open connections (and requests in progress) at once; beyond, uvicorn's 503",
+    )
 
     # -- engine ------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="inputs per model call")
@@ -78,6 +101,12 @@ class Settings(BaseSettings):
     )
     max_video_duration_s: float = Field(600.0, gt=0, description="longest video accepted")
     max_video_pixels: int = Field(4096 * 2160, ge=1, description="per video frame")
+    max_decode_s: float = Field(
+        20.0,
+        gt=0,
+        description="wall-clock budget to read one video (checked between packets); past it, "
+        "413 decode_timeout and the worker is free again. Keep it under request_timeout_s",
+    )
 
     # -- auth --------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

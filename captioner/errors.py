@@ -19,6 +19,10 @@ class MediaTooLargeError(InvalidMediaError):
     """The media exceeds a configured limit (pixels, frames, duration)."""
 
 
+class DecodeTimeoutError(MediaTooLargeError):
+    """A video took longer to decode than its wall-clock budget (``VideoLimits.max_decode_s``)."""
+
+
 class StillImageError(InvalidMediaError):
     """A still image was given where a video was expected (caption it as an image)."""
 
@@ -54,6 +58,7 @@ __all__ = [
     "CaptionerError",
     "ConfigError",
     "DatasetError",
+    "DecodeTimeoutError",
     "InvalidMediaError",
     "InvalidOptionError",
     "MediaTooLargeError",

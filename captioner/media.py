@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,13 @@ import torch
 from PIL import Image, ImageOps
 
 from captioner.config import PreprocessConfig
-from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError, StillImageError
+from captioner.errors import (
+    ConfigError,
+    DecodeTimeoutError,
+    InvalidMediaError,
+    MediaTooLargeError,
+    StillImageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +262,34 @@ class VideoLimits:
     max_duration_s: float = 600.0
     max_pixels: int = 4096 * 2160
     max_total_frames: int = 100_000
+    # Wall-clock seconds for the whole read (probe, packet count, decode), checked between
+    # packets: a small file can still take minutes (thousands of flat 4K frames). None = none.
+    max_decode_s: float | None = None
+
+
+class _Deadline:
+    """A wall-clock budget for reading one video; ``check`` raises ``DecodeTimeoutError``."""
+
+    def __init__(self, seconds: float | None, name: str) -> None:
+        self.seconds = seconds
+        self.name = name
+        self.ends = time.monotonic() + seconds if seconds is not None else None
+
+    def passed(self) -> bool:
+        return self.ends is not None and time.monotonic() > self.ends
+
+    def remaining(self) -> float | None:
+        return None if self.ends is None else max(0.001, self.ends - time.monotonic())
+
+    def error(self) -> DecodeTimeoutError:
+        return DecodeTimeoutError(
+            f"{self.name}: decoding took longer than the limit of {self.seconds:g} s; "
+            "send a shorter clip, fewer frames per second or fewer pixels"
+        )
+
+    def check(self) -> None:
+        if self.passed():
+            raise self.error()
 
 
 def _reason(exc: Exception) -> str:
@@ -263,18 +298,25 @@ def _reason(exc: Exception) -> str:
 
 
 @contextmanager
-def _open_container(source: VideoSource, name: str) -> Iterator[av.container.InputContainer]:
+def _open_container(
+    source: VideoSource, name: str, deadline: _Deadline
+) -> Iterator[av.container.InputContainer]:
+    # FFmpeg's interrupt callback (PyAV's timeout) bounds probing and each read in C, where
+    # the checks between packets cannot reach.
+    timeout = deadline.remaining()
     try:
         if isinstance(source, bytes):
-            container = av.open(io.BytesIO(source), mode="r")
+            container = av.open(io.BytesIO(source), mode="r", timeout=timeout)
         else:
             path = Path(source)
             if not path.is_file():
                 raise InvalidMediaError(f"{name}: no such file")
-            container = av.open(str(path), mode="r")
+            container = av.open(str(path), mode="r", timeout=timeout)
     except InvalidMediaError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
+        if deadline.passed():
+            raise deadline.error() from exc
         raise InvalidMediaError(f"{name}: not a readable video ({_reason(exc)})") from exc
     try:
         yield container
@@ -302,16 +344,20 @@ def read_video(
 
     Memory stays bounded: frames stream through the decoder and only the sampled ones are kept.
     A first pass counts packets (no decoding) when the container does not state its frame count.
+    Time is bounded by ``limits.max_decode_s`` when set: past it, ``DecodeTimeoutError``.
     """
     limits = limits or VideoLimits()
     name = label or _describe(source)
     if num_frames < 1:
         raise InvalidMediaError("num_frames must be at least 1")
+    deadline = _Deadline(limits.max_decode_s, name)
     try:
-        with _open_container(source, name) as container:
+        with _open_container(source, name, deadline) as container:
             if not container.streams.video:
                 raise InvalidMediaError(f"{name}: has no video stream")
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # FFmpeg knows no decoder for it
+                raise InvalidMediaError(f"{name}: its video codec is unknown or unsupported")
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
             if width * height > limits.max_pixels:
@@ -325,7 +371,9 @@ def read_video(
                 raise MediaTooLargeError(
                     f"video lasts {duration:.1f} s, over the limit of {limits.max_duration_s:g} s"
                 )
-            total = stream.frames if stream.frames > 0 else _count_packets(container, stream)
+            total = (
+                stream.frames if stream.frames > 0 else _count_packets(container, stream, deadline)
+            )
             if total <= 1 or container.format.name.endswith("_pipe"):
                 # One picture (a JPEG, a PNG, a one-frame GIF) is not a clip: sampled, it would
                 # be 8 copies of one frame, described as if something moved.
@@ -334,9 +382,12 @@ def read_video(
                 raise MediaTooLargeError(
                     f"video has {total} frames, over the limit of {limits.max_total_frames}"
                 )
-        with _open_container(source, name) as container:
-            frames, rotation = _decode_sampled(container, sample_indices(total, num_frames))
+        with _open_container(source, name, deadline) as container:
+            wanted = sample_indices(total, num_frames)
+            frames, rotation = _decode_sampled(container, wanted, deadline)
     except (av.FFmpegError, EOFError, ValueError) as exc:
+        if deadline.passed():  # FFmpeg's interrupt callback stopped a read
+            raise deadline.error() from exc
         raise InvalidMediaError(f"{name}: video data is corrupt ({_reason(exc)})") from exc
     if not frames:
         raise InvalidMediaError(f"{name}: video has no decodable frames")
@@ -366,12 +417,27 @@ def _duration_seconds(
     return 0.0
 
 
-def _count_packets(container: av.container.InputContainer, stream: av.video.VideoStream) -> int:
-    return sum(1 for packet in container.demux(stream) if packet.size > 0)
+def _count_packets(
+    container: av.container.InputContainer, stream: av.video.VideoStream, deadline: _Deadline
+) -> int:
+    count = 0
+    for packet in container.demux(stream):
+        deadline.check()
+        count += packet.size > 0
+    return count
+
+
+def _frames(
+    container: av.container.InputContainer, stream: av.video.VideoStream, deadline: _Deadline
+) -> Iterator[av.VideoFrame]:
+    """``container.decode(stream)``, with the deadline checked before each packet's decode."""
+    for packet in container.demux(stream):
+        deadline.check()
+        yield from packet.decode()
 
 
 def _decode_sampled(
-    container: av.container.InputContainer, wanted: list[int]
+    container: av.container.InputContainer, wanted: list[int], deadline: _Deadline
 ) -> tuple[list[Image.Image], int]:
     """The frames at the ``wanted`` indices (sorted), decoding no further than the last one,
     turned upright; and the rotation that was applied (degrees counter-clockwise)."""
@@ -380,7 +446,7 @@ def _decode_sampled(
     wanted_set = set(wanted)
     picked: dict[int, Image.Image] = {}
     rotation = 0
-    for index, frame in enumerate(container.decode(stream)):
+    for index, frame in enumerate(_frames(container, stream, deadline)):
         if index in wanted_set:
             rotation = display_rotation(frame)
             picked[index] = upright(frame.to_image(), rotation)

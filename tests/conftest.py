@@ -87,3 +87,30 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def make_slow_video(
+    path: Path, num_frames: int, size: tuple[int, int] = (4096, 2160), fps: int = 1000
+) -> Path:
+    """A clip crafted to decode slowly: one flat H.264 keyframe muxed ``num_frames`` times.
+
+    Each copy is a few KB but decodes as a full frame (at 4096x2160, tens of ms), so 1,000 of
+    them make a 2.5 MB file, within every byte, pixel and duration limit, that takes a minute
+    or more to decode. Writing it costs one encode.
+    """
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"keyint": "1"})
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        flat = np.full((size[1], size[0], 3), 90, np.uint8)
+        encoded = [*stream.encode(av.VideoFrame.from_ndarray(flat, format="rgb24"))]
+        encoded += stream.encode()
+        keyframe, time_base = bytes(encoded[0]), encoded[0].time_base
+        for index in range(num_frames):
+            packet = av.Packet(keyframe)
+            packet.stream = stream
+            packet.pts = packet.dts = index
+            packet.time_base = time_base
+            packet.is_keyframe = True
+            container.mux(packet)
+    return path

@@ -52,3 +52,21 @@ def test_key_matches_compares_every_key() -> None:
     assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"])
     assert not key_matches("", ["a"]) and not key_matches("a", [])
     assert not key_matches("ab", ["a"]) and not key_matches("é", ["e"])
+
+
+def test_the_openapi_schema_says_which_operations_need_a_key(client, tiny_checkpoint) -> None:
+    from app.main import create_app
+    from tests.app_support import tiny_settings
+
+    schema = client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            exempt = path in ("/health/live", "/health/ready", "/metrics")
+            assert ("security" not in operation) is exempt, path
+            assert ("401" not in operation["responses"]) is exempt, path
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    open_schema = create_app(tiny_settings(tiny_checkpoint)).openapi()  # no keys: none needed
+    for path, operations in open_schema["paths"].items():
+        for operation in operations.values():
+            assert "security" not in operation and "401" not in operation["responses"], path
+    assert "securitySchemes" not in open_schema["components"]

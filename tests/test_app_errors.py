@@ -20,6 +20,7 @@ from app.errors import (
 )
 from captioner.errors import (
     CaptionerError,
+    DecodeTimeoutError,
     InvalidMediaError,
     InvalidOptionError,
     MediaTooLargeError,
@@ -34,7 +35,9 @@ DOCUMENTED = {
     "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
+    "body_timeout": 408,
     "payload_too_large": 413,
+    "decode_timeout": 413,
     "too_many_images": 413,
     "too_many_frames": 413,
     "unsupported_media_type": 415,
@@ -76,6 +79,12 @@ def test_the_error_types_and_their_statuses_are_stable() -> None:
             {},
             "payload_too_large",
             "images[2]",
+        ),
+        (
+            InputFailed(DecodeTimeoutError("slow"), media="video", param="video"),
+            {},
+            "decode_timeout",
+            "video",
         ),
         (RequestTimeout("slow"), {}, "timeout", None),
         (TimeoutError(), {}, "timeout", None),

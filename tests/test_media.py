@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -17,7 +19,9 @@ from captioner.media import (
     read_video,
     sample_indices,
 )
-from tests.conftest import make_video, png_bytes
+from tests.conftest import make_slow_video, make_video, png_bytes
+
+SAMPLES = Path(__file__).resolve().parents[1] / "captioner" / "assets" / "samples"
 
 
 def test_load_image_from_bytes_path_and_pil(tmp_path) -> None:
@@ -123,6 +127,14 @@ def test_corrupt_and_unsupported_videos(tmp_path) -> None:
         read_video(audio_only.getvalue(), 4)
 
 
+def test_a_video_stream_of_an_unknown_codec_is_invalid_media() -> None:
+    # Found by the soak (benchmarks/soak.py): a mutated mp4 whose sample entry names no codec
+    # FFmpeg has; PyAV then gives the stream no codec context, which was a 500.
+    clip = (SAMPLES / "motion.mp4").read_bytes()
+    with pytest.raises(InvalidMediaError, match="codec is unknown"):
+        read_video(clip.replace(b"avc1", b"zzzz"), 4)
+
+
 def test_video_limits(tmp_path) -> None:
     path = make_video(tmp_path / "clip.mp4", "libx264", num_frames=20)
     with pytest.raises(MediaTooLargeError, match="lasts"):
@@ -216,3 +228,42 @@ def test_large_jpegs_decode_in_draft_mode_to_nearly_the_same_pixels() -> None:
     assert difference < 0.1  # normalised units: about 2 of 255 grey levels
     small, _ = open_image(data, draft=700)  # 1/2 would go under 2 x 700: decoded in full
     assert small.size == (1600, 1200)
+
+
+def test_a_video_crafted_to_decode_slowly_is_stopped_at_the_decode_budget(tmp_path) -> None:
+    from captioner.errors import DecodeTimeoutError
+
+    two = make_slow_video(tmp_path / "two.mkv", num_frames=2)
+    started = time.monotonic()
+    frames, _ = read_video(two, 1)  # frame 1 of 2: two keyframes decoded
+    one_frame = (time.monotonic() - started) / 2
+    assert len(frames) == 1
+    path = make_slow_video(tmp_path / "slow.mkv", num_frames=400)
+    budget = 0.5
+    started = time.monotonic()
+    with pytest.raises(DecodeTimeoutError, match=r"longer than the limit of 0.5 s"):
+        read_video(path, 8, VideoLimits(max_decode_s=budget))
+    took = time.monotonic() - started
+    # Stopped within the budget plus about one frame's decode (a loaded CI box: generous),
+    # while the whole clip takes hundreds of frames' time.
+    assert took < budget + 4 * one_frame + 1.0, (took, one_frame)
+    with pytest.raises(DecodeTimeoutError):  # from bytes too
+        read_video(path.read_bytes(), 8, VideoLimits(max_decode_s=budget))
+
+
+def test_many_tiny_frames_are_stopped_at_the_decode_budget_while_counting(tmp_path) -> None:
+    from captioner.errors import DecodeTimeoutError
+
+    # 20,000 frames of 16x16 take seconds to count and decode (3 s on a busy 2-core box).
+    path = make_slow_video(tmp_path / "tiny.mkv", num_frames=20_000, size=(16, 16))
+    started = time.monotonic()
+    # No frame count in the header: the packets are counted first, and the deadline runs there.
+    with pytest.raises(DecodeTimeoutError):
+        read_video(path, 8, VideoLimits(max_decode_s=0.05))
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_decode_budget_leaves_normal_clips_alone(tmp_path) -> None:
+    path = make_video(tmp_path / "clip.mp4", "libx264", num_frames=20)
+    frames, info = read_video(path, 4, VideoLimits(max_decode_s=30))
+    assert len(frames) == 4 and info.total_frames == 20

@@ -41,6 +41,7 @@ COMMON_ERRORS = (
     "timeout",
 )
 BINARY = {"type": "string", "format": "binary"}
+FILES = {"type": "array", "items": BINARY, "minItems": 1}
 
 
 def _form_schema(options: type[CaptionOptions], files: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +76,7 @@ IMAGE_BODY = _body(
 IMAGES_BODY = _body(
     {
         "multipart/form-data": {
-            "schema": _form_schema(CaptionOptions, {"images": {"type": "array", "items": BINARY}})
-            | {"required": ["images"]}
+            "schema": _form_schema(CaptionOptions, {"images": FILES}) | {"required": ["images"]}
         }
     },
     "Up to CAPTIONER_MAX_IMAGES images, as repeated multipart fields `images`.",
@@ -84,9 +84,7 @@ IMAGES_BODY = _body(
 VIDEO_BODY = _body(
     {
         "multipart/form-data": {
-            "schema": _form_schema(
-                VideoOptions, {"video": BINARY, "frames": {"type": "array", "items": BINARY}}
-            )
+            "schema": _form_schema(VideoOptions, {"video": BINARY, "frames": FILES})
         },
         "video/*": {"schema": BINARY},
     },
@@ -143,7 +141,7 @@ async def caption_images(
     "/video",
     summary="Describe a video, or an ordered list of frames",
     openapi_extra=VIDEO_BODY,
-    responses=error_responses("invalid_video", "too_many_frames", *COMMON_ERRORS),
+    responses=error_responses("invalid_video", "decode_timeout", "too_many_frames", *COMMON_ERRORS),
 )
 async def caption_video(
     context: CaptionContextDep, options: Annotated[VideoOptions, Query()]

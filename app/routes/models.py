@@ -19,6 +19,7 @@ LIMIT_SETTINGS = (
     "max_frames",
     "max_video_duration_s",
     "max_video_pixels",
+    "max_decode_s",
     "max_batch_size",
     "max_wait_ms",
     "max_queue",
