@@ -2,7 +2,8 @@
 
 Requests put one input each (or several, atomically) into a bounded queue and await a future.
 One worker task takes up to ``max_batch_size`` inputs, waiting at most ``max_wait_s`` after the
-oldest one arrived for more to come, and runs them as one call in a single inference thread, so
+oldest one arrived for more to come (and not at all when ``upstream`` says no input is on its
+way, so a lone request pays no wait), and runs them as one call in a single inference thread, so
 the model serves one batch at a time while the event loop stays free. An input whose caller
 gave up (timeout, disconnect) leaves the queue at once and is never computed.
 """
@@ -61,8 +62,11 @@ class Batcher(Generic[In, Opt, Out]):
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        upstream: Callable[[], int] | None = None,
     ) -> None:
         self.run_batch = run_batch
+        # Inputs still being prepared that will be submitted next; None: unknown, always wait.
+        self.upstream = upstream
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -128,6 +132,8 @@ class Batcher(Generic[In, Opt, Out]):
             # Let the batch fill up, for at most max_wait after its oldest input arrived.
             deadline = self._pending[0].enqueued + self.max_wait_s
             while len(self._pending) < self.max_batch_size and not self._closing:
+                if self.upstream is not None and self.upstream() == 0:
+                    break  # nothing else is on its way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -108,6 +108,7 @@ class CaptionService:
             max_wait_s=self.settings.max_wait_ms / 1000,
             max_queue=self.settings.max_queue,
             metrics=self.metrics,
+            upstream=lambda: self._preprocessing,
         )
         self.batcher.start()
         self.state = State.READY

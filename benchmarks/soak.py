@@ -25,10 +25,8 @@ import json
 import os
 import platform
 import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.servers import Server, captioner_command, rss_mb, running
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "captioner" / "assets" / "samples"
 MiB = 1024 * 1024
@@ -53,66 +53,14 @@ DECODE_BUDGET_S = 2.0
 # -- the server --------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    port: int
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(
     model: Path | None, log: Path, env: dict[str, str], ready_within_s: float = 300.0
 ) -> Iterator[Server]:
     """``captioner serve`` from this checkout, once /health/ready says 200; SIGTERM after."""
-    port = free_port()
-    environment = os.environ | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "CAPTIONER_DEVICE": "cpu",
-        **({"CAPTIONER_MODEL_PATH": str(model)} if model else {}),
-        **env,
-    }
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], cwd=ROOT, env=environment, stdout=sink, stderr=sink
-        )
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}")
-            if time.monotonic() - started > ready_within_s:
-                raise TimeoutError(f"not ready after {ready_within_s} s")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
-        yield Server(process, url, port, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process (Linux /proc), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    command, base_env = captioner_command(model)
+    with running(command, log, base_env | env, ready_within_s=ready_within_s) as server:
+        yield server
 
 
 # -- the traffic -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.soak import Server
+from benchmarks.servers import Server
 from benchmarks.soak import running_server as _running_server
 
 __all__ = ["Server", "running_server"]

@@ -70,6 +70,38 @@ def test_a_lone_input_runs_after_max_wait() -> None:
     asyncio.run(main())
 
 
+def test_a_lone_input_does_not_wait_when_nothing_else_is_on_its_way() -> None:
+    async def main() -> None:
+        run = Recorder()
+        batcher = make(run, max_wait_s=2.0, upstream=lambda: 0)
+        batcher.start()
+        started = time.perf_counter()
+        result = await batcher.submit(1, 0)
+        assert result.value == 10 and result.batch_size == 1
+        assert time.perf_counter() - started < 1.0  # not the 2 s max_wait
+        await batcher.close(1)
+
+    asyncio.run(main())
+
+
+def test_the_batch_waits_for_an_input_still_being_prepared() -> None:
+    async def main() -> None:
+        run = Recorder()
+        preparing = [1]  # one more input is on its way
+        batcher = make(run, max_wait_s=2.0, upstream=lambda: preparing[0])
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(1, 0))
+        await asyncio.sleep(0.1)
+        assert not run.batches  # still waiting for the second input
+        preparing[0] = 0
+        second = await batcher.submit(2, 0)
+        assert (await first).batch_size == second.batch_size == 2
+        assert run.batches == [[1, 2]]
+        await batcher.close(1)
+
+    asyncio.run(main())
+
+
 def test_full_queue_refuses_all_or_nothing() -> None:
     async def main() -> None:
         gate = threading.Event()

@@ -1,0 +1,188 @@
+"""A bounded, closed-loop HTTP load generator: ``concurrency`` clients send back to back.
+
+Each client sends its next request as soon as the previous one is answered, so at most
+``concurrency`` requests are in flight and a slow server slows the clients down instead of
+piling up an unbounded queue. Request bodies are built once, before the clock starts (the
+client's own cost stays small and equal for every server). Requests answered during the
+warm-up are not counted; throughput is the answers completed inside the measured window,
+divided by its length, and latencies are theirs. Requests in flight when the window closes
+finish uncounted before ``load`` returns, so the next measurement starts on an idle server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prepared request: a multipart body with a single file field."""
+
+    content: bytes
+    headers: dict[str, str]
+
+
+def multipart(field: str, filename: str, data: bytes, content_type: str) -> Request:
+    """A multipart/form-data body holding one file, as a browser or ``curl -F`` sends it."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return Request(body, {"content-type": f"multipart/form-data; boundary={boundary}"})
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    concurrency: int
+    seconds: float  # the measured window
+    completed: int  # 200s inside the window
+    failed: dict[str, int]  # other statuses or transport errors inside the window, by kind
+    latencies_ms: list[float]  # of the completed requests
+
+    @property
+    def per_second(self) -> float:
+        return self.completed / self.seconds
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile latency (nearest rank); None when nothing completed."""
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        rank = max(1, round(q / 100 * len(ordered)))
+        return ordered[min(rank, len(ordered)) - 1]
+
+    def summary(self) -> dict[str, object]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
+        return {
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 2),
+            "completed": self.completed,
+            "failed": self.failed,
+            "per_second": round(self.per_second, 2),
+            "p50_ms": rounded(self.percentile(50)),
+            "p95_ms": rounded(self.percentile(95)),
+            "p99_ms": rounded(self.percentile(99)),
+            "mean_ms": rounded(statistics.fmean(self.latencies_ms)) if self.latencies_ms else None,
+        }
+
+
+@dataclass
+class _Tally:
+    """What the clients saw; the monitor opens and closes the measured window."""
+
+    answered: list[int]  # answers per client, since the start
+    latencies: list[float]
+    failed: Counter[str]
+    measuring: bool = False
+    stopped: bool = False
+
+
+async def _client(
+    http: httpx.AsyncClient,
+    url: str,
+    requests: Sequence[Request],
+    number: int,
+    first: int,
+    tally: _Tally,
+) -> None:
+    """Client ``number``: send requests[first], requests[first+1], ... until told to stop."""
+    index = first
+    while not tally.stopped:
+        request = requests[index % len(requests)]
+        index += 1
+        sent = time.perf_counter()
+        try:
+            response = await http.post(url, content=request.content, headers=request.headers)
+            outcome = "ok" if response.status_code == 200 else f"http {response.status_code}"
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+        tally.answered[number] += 1
+        if tally.measuring and not tally.stopped:  # answered inside the measured window
+            if outcome == "ok":
+                tally.latencies.append((time.perf_counter() - sent) * 1000)
+            else:
+                tally.failed[outcome] += 1
+
+
+async def _monitor(
+    tally: _Tally,
+    clients: list[asyncio.Task[None]],
+    warm_up_s: float,
+    seconds: float,
+    at_least: int,
+) -> float:
+    """Open the window once the warm-up has passed and every client has had an answer (so a
+    slow server is measured in its steady state); close it after ``seconds`` and at least
+    ``at_least`` answers. Returns the window's length."""
+
+    async def tick() -> None:
+        for client in clients:  # a client that crashed would otherwise hang the run
+            if client.done() and client.exception() is not None:
+                tally.stopped = True
+                raise client.exception()  # type: ignore[misc]
+        await asyncio.sleep(0.01)
+
+    started = time.perf_counter()
+    while time.perf_counter() - started < warm_up_s or not all(tally.answered):
+        await tick()
+    tally.measuring = True
+    opened = time.perf_counter()
+    while (
+        time.perf_counter() - opened < seconds
+        or len(tally.latencies) + sum(tally.failed.values()) < at_least
+    ):
+        await tick()
+    tally.stopped = True
+    return time.perf_counter() - opened
+
+
+async def _run(
+    url: str,
+    requests: Sequence[Request],
+    concurrency: int,
+    warm_up_s: float,
+    seconds: float,
+    timeout_s: float,
+) -> LoadResult:
+    tally = _Tally([0] * concurrency, [], Counter())
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+        # Clients start at different corpus items, so a batch mixes different images.
+        spread = max(1, len(requests) // concurrency)
+        clients = [
+            asyncio.create_task(_client(http, url, requests, i, i * spread, tally))
+            for i in range(concurrency)
+        ]
+        window = await _monitor(tally, clients, warm_up_s, seconds, at_least=concurrency)
+        # Requests in flight finish (uncounted), so the server is idle for whatever runs next.
+        await asyncio.gather(*clients)
+    return LoadResult(
+        concurrency, window, len(tally.latencies), dict(tally.failed), tally.latencies
+    )
+
+
+def load(
+    url: str,
+    requests: Sequence[Request],
+    concurrency: int,
+    *,
+    warm_up_s: float = 2.0,
+    seconds: float = 10.0,
+    timeout_s: float = 300.0,
+) -> LoadResult:
+    """Drive ``url`` with ``concurrency`` closed-loop clients and measure a window of at least
+    ``seconds`` and ``concurrency`` answers, after a warm-up of at least ``warm_up_s``."""
+    return asyncio.run(_run(url, requests, concurrency, warm_up_s, seconds, timeout_s))
