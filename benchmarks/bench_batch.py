@@ -17,7 +17,7 @@ Models load and warm up before timing (both engines' and the server's rates are 
 rates, not start-up). Prints a JSON object and writes it to benchmarks/results/ (a
 measurement, not a test); the machine it ran on is shared, so expect +-10-20% between runs:
 
-    python benchmarks/bench_batch.py [--images 240] [--ray-cpus 2] [--rss-items 100000]
+    python -m benchmarks.bench_batch [--images 240] [--ray-cpus 2] [--rss-items 100000]
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -100,7 +101,15 @@ def main() -> None:
         help="the baseline's CNN: torch (the tutorial's plain PyTorch) and/or auto "
         "(captioner's ONNX Runtime CNN)",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/http_cpu.json"))
+    parser.add_argument("--device", default="cpu", help="both servers' (cuda: benchmarks/gpu.sh)")
+    parser.add_argument(
+        "--server-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for captioner serve, e.g. CAPTIONER_MAX_BATCH_SIZE=64",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: results/http_<dev>")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
@@ -117,7 +126,8 @@ def main() -> None:
                  mean_kb, time.perf_counter() - started)  # fmt: skip
 
     report: dict[str, object] = {
-        "machine": f"{platform.machine()}, {_cpus()} CPUs, CPU only",
+        "machine": _machine(args.device),
+        "server_env": args.server_env,
         "python": sys.version.split()[0],
         "corpus": {
             name: {"images": len(jpegs), "mean_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024)}
@@ -128,13 +138,15 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         logs = Path(folder)
-        command, env = captioner_command(args.model)
+        command, env = captioner_command(args.model, args.device)
         env |= {"CAPTIONER_ACCESS_LOG": "false", "CAPTIONER_LOG_LEVEL": "warning"}
+        env |= dict(setting.split("=", 1) for setting in args.server_env)
         ours = stack.enter_context(running(command, logs / "captioner.log", env))
         log.info("captioner serve ready in %.1f s", ours.ready_s)
         baselines: dict[str, Server] = {}
         for runtime in args.baseline_runtimes:
             naive = [sys.executable, "-m", "benchmarks.naive_server", "--encoder-runtime", runtime]
+            naive += ["--device", args.device]
             if args.model:
                 naive += ["--model", str(args.model)]
             baselines[runtime] = stack.enter_context(
@@ -176,8 +188,11 @@ def main() -> None:
         }
     text = json.dumps(report, indent=1)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    out = args.out or Path(
+        f"benchmarks/results/http_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
 
 
 def _ratio(ours: LoadResult, theirs: LoadResult) -> float | None:
@@ -194,10 +209,14 @@ def _line(row: dict[str, object]) -> str:
     return "; ".join(parts)
 
 
-def _cpus() -> int:
-    import os
+def _machine(device: str) -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    where = f"{platform.machine()}, {cpus} CPUs"
+    if device == "cpu":
+        return f"{where}, CPU only"
+    import torch
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return f"{torch.cuda.get_device_name(0)}, {where}"
 
 
 if __name__ == "__main__":

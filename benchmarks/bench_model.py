@@ -57,7 +57,7 @@ def pixels(count: int, frames: int, size: int, device: torch.device) -> list[tor
 
 
 def measure(captioner: Captioner, batches: list[int], clips: list[int], seconds: float) -> dict:
-    size = captioner.preprocess.image_size
+    size = captioner.checkpoint.preprocess.image_size
     options = captioner.options()  # the model's defaults: beam 3
     rows: dict[str, dict[str, float]] = {}
     for batch in batches:

@@ -25,8 +25,8 @@ from PIL import Image
 from captioner.inference import Captioner
 
 
-def create_app(model: Path | None, encoder_runtime: str) -> FastAPI:
-    captioner = Captioner.load(model, device="cpu", encoder_runtime=encoder_runtime)
+def create_app(model: Path | None, encoder_runtime: str, device: str = "cpu") -> FastAPI:
+    captioner = Captioner.load(model, device=device, encoder_runtime=encoder_runtime)
     app = FastAPI()
 
     @app.get("/health")
@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped)")
     parser.add_argument("--encoder-runtime", choices=["torch", "auto"], default="torch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = parser.parse_args()
-    app = create_app(args.model, args.encoder_runtime)
+    app = create_app(args.model, args.encoder_runtime, args.device)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -37,10 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def captioner_command(model: Path | None) -> tuple[list[str], dict[str, str]]:
-    """``captioner serve`` from this checkout on the CPU (the port is added by ``running``)."""
+def captioner_command(model: Path | None, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
+    """``captioner serve`` from this checkout (the port is added by ``running``)."""
     command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
-    env = {"CAPTIONER_DEVICE": "cpu", **({"CAPTIONER_MODEL_PATH": str(model)} if model else {})}
+    env = {"CAPTIONER_DEVICE": device, **({"CAPTIONER_MODEL_PATH": str(model)} if model else {})}
     return command, env
 
 
