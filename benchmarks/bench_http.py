@@ -95,11 +95,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="measured window per cell")
     parser.add_argument(
         "--baseline-runtimes",
-        nargs="+",
+        nargs="*",
         choices=["torch", "auto"],
         default=["torch"],
         help="the baseline's CNN: torch (the tutorial's plain PyTorch) and/or auto "
-        "(captioner's ONNX Runtime CNN)",
+        "(captioner's ONNX Runtime CNN); none: captioner alone",
     )
     parser.add_argument("--device", default="cpu", help="both servers' (cuda: benchmarks/gpu.sh)")
     parser.add_argument(
