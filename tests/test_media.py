@@ -330,7 +330,8 @@ def test_snapping_takes_a_keyframe_only_where_reaching_the_centre_is_costly() ->
     assert snapped_indices(240, 4, []) == [30, 90, 150, 210]  # nothing to snap to
     # Every frame a keyframe (MJPEG, all-intra): every centre costs one frame.
     assert snapped_indices(240, 4, list(range(240))) == [30, 90, 150, 210]
-    # Within SNAP_AFTER_FRAMES of a keyframe, the centre is kept.
+    # One sample: of 40 frames, the centre (20) costs 21 frames, so the keyframe 0 instead; of
+    # 28, the centre (14) costs SNAP_AFTER_FRAMES = 15 frames: kept.
     assert snapped_indices(40, 1, [0]) == [0]
     assert snapped_indices(2 * SNAP_AFTER_FRAMES - 2, 1, [0]) == [SNAP_AFTER_FRAMES - 1]
 
