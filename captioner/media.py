@@ -6,14 +6,17 @@ with a message fit to show the user.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
+import itertools
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -258,16 +261,39 @@ class VideoInfo:
     frames_used: int
 
 
+Sampling = Literal["fast", "exact"]
+SAMPLING_POLICIES: tuple[Sampling, ...] = ("fast", "exact")
+
+
 @dataclass(frozen=True)
 class VideoLimits:
-    """Bounds on what a video may cost to decode."""
+    """Bounds on what a video may cost to decode, and how its frames are sampled.
+
+    ``sampling`` picks one frame from each of ``num_frames`` equal segments of the video:
+
+    - ``"fast"`` (the default): the segment's centre, unless reaching it would decode more
+      than ``SNAP_AFTER_FRAMES`` frames and a keyframe lies inside the segment; then that
+      keyframe (the one closest to the centre), which decodes alone after a seek. A long
+      phone clip then costs about one decoded frame per sample instead of up to a keyframe
+      interval (hundreds of frames) each. Short clips get the exact centres.
+    - ``"exact"``: the segment centres (``sample_indices``), always.
+
+    Both seek past long stretches between samples instead of decoding them.
+    """
 
     max_duration_s: float = 600.0
     max_pixels: int = 4096 * 2160
     max_total_frames: int = 100_000
-    # Wall-clock seconds for the whole read (probe, packet count, decode), checked between
+    # Wall-clock seconds for the whole read (probe, packet index, decode), checked between
     # packets: a small file can still take minutes (thousands of flat 4K frames). None = none.
     max_decode_s: float | None = None
+    sampling: Sampling = "fast"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING_POLICIES:
+            raise ConfigError(
+                f"unknown video sampling {self.sampling!r}; choose one of {SAMPLING_POLICIES}"
+            )
 
 
 class _Deadline:
@@ -327,6 +353,15 @@ def _open_container(
         container.close()
 
 
+# "fast" sampling leaves a segment's centre for a keyframe inside the segment when reaching the
+# centre would decode more than this many frames. A constant, so that the frames chosen (and so
+# the caption) do not depend on the machine's core count. A seek already costs a few decoded
+# frames (frame threads and B-frame reordering fill up before the keyframe comes out), so a
+# centre this close to where decoding starts is nearly free; 15 frames is half a second at
+# 30 fps and about 10 ms at 720p, while keyframes are 30 (phones) to 250 (x264) frames apart.
+SNAP_AFTER_FRAMES = 15
+
+
 def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     """Indices of ``num_frames`` frames spread uniformly over ``total_frames`` (segment centres)."""
     if total_frames <= 0:
@@ -334,6 +369,42 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     return [
         min(total_frames - 1, int((i + 0.5) * total_frames / num_frames)) for i in range(num_frames)
     ]
+
+
+def snapped_indices(total_frames: int, num_frames: int, keyframes: list[int]) -> list[int]:
+    """``sample_indices``, except that a centre costing more than ``SNAP_AFTER_FRAMES`` decoded
+    frames to reach gives way to the keyframe in its segment closest to it ("fast" sampling).
+
+    ``keyframes`` are the ascending indices of the frames decoding can start from. Each index
+    still comes from its own segment, so they stay in order and distinct.
+    """
+    chosen: list[int] = []
+    position = 0  # the frame a decoder would give next, having given the ones chosen so far
+    for segment, centre in enumerate(sample_indices(total_frames, num_frames)):
+        cost = centre - _decode_start(centre, position, keyframes) + 1
+        inside = _keyframes_in_segment(keyframes, segment, total_frames, num_frames)
+        if cost > SNAP_AFTER_FRAMES and inside:
+            centre = min(inside, key=lambda key: (abs(key - centre), key))
+        chosen.append(centre)
+        position = max(position, centre + 1)
+    return chosen
+
+
+def _keyframes_in_segment(
+    keyframes: list[int], segment: int, total_frames: int, num_frames: int
+) -> list[int]:
+    # Segment i holds the frames j with i * total / num <= j < (i + 1) * total / num.
+    first = -(-segment * total_frames // num_frames)
+    end = -(-(segment + 1) * total_frames // num_frames)
+    return keyframes[bisect.bisect_left(keyframes, first) : bisect.bisect_left(keyframes, end)]
+
+
+def _decode_start(target: int, position: int, keyframes: list[int]) -> int:
+    """Where decoding must start to reach frame ``target`` when the decoder would give frame
+    ``position`` next: the last keyframe at or before ``target`` when that lies ahead (a seek),
+    else ``position`` (keep decoding)."""
+    at = bisect.bisect_right(keyframes, target) - 1
+    return keyframes[at] if at >= 0 and keyframes[at] > position else position
 
 
 def read_video(
@@ -346,8 +417,11 @@ def read_video(
     """Decode ``num_frames`` frames sampled uniformly over a video's duration.
 
     Memory stays bounded: frames stream through the decoder and only the sampled ones are kept.
-    A first pass counts packets (no decoding) when the container does not state its frame count.
-    Time is bounded by ``limits.max_decode_s`` when set: past it, ``DecodeTimeoutError``.
+    A first pass reads the packets (no decoding) to find the keyframes, and the frame count when
+    the container does not state it; decoding then seeks past long stretches between samples.
+    ``limits.sampling`` chooses between exact segment centres and nearby keyframes
+    (``VideoLimits``). Time is bounded by ``limits.max_decode_s`` when set: past it,
+    ``DecodeTimeoutError``.
     """
     limits = limits or VideoLimits()
     name = label or _describe(source)
@@ -374,9 +448,8 @@ def read_video(
                 raise MediaTooLargeError(
                     f"video lasts {duration:.1f} s, over the limit of {limits.max_duration_s:g} s"
                 )
-            total = (
-                stream.frames if stream.frames > 0 else _count_packets(container, stream, deadline)
-            )
+            timeline = _read_timeline(container, stream, deadline, limits.max_total_frames)
+            total = stream.frames if stream.frames > 0 else timeline.frames
             if total <= 1 or container.format.name.endswith("_pipe"):
                 # One picture (a JPEG, a PNG, a one-frame GIF) is not a clip: sampled, it would
                 # be 8 copies of one frame, described as if something moved.
@@ -385,9 +458,9 @@ def read_video(
                 raise MediaTooLargeError(
                     f"video has {total} frames, over the limit of {limits.max_total_frames}"
                 )
-        with _open_container(source, name, deadline) as container:
-            wanted = sample_indices(total, num_frames)
-            frames, rotation = _decode_sampled(container, wanted, deadline)
+        frames, rotation = _read_sampled(
+            source, name, num_frames, total, timeline, limits.sampling, deadline
+        )
     except (av.FFmpegError, EOFError, ValueError) as exc:
         if deadline.passed():  # FFmpeg's interrupt callback stopped a read
             raise deadline.error() from exc
@@ -420,41 +493,94 @@ def _duration_seconds(
     return 0.0
 
 
-def _count_packets(
-    container: av.container.InputContainer, stream: av.video.VideoStream, deadline: _Deadline
-) -> int:
-    count = 0
-    for packet in container.demux(stream):
-        deadline.check()
-        count += packet.size > 0
-    return count
+@dataclass(frozen=True)
+class _Timeline:
+    """A video stream's frames as its packets describe them, without decoding."""
+
+    frames: int  # packets that hold a frame
+    # Presentation timestamps in presentation order (frame i shows at pts[i]), or empty when
+    # some are missing or repeated (raw streams, some AVIs): then frames can only be counted.
+    pts: list[int] = field(default_factory=list)
+    keyframes: list[int] = field(default_factory=list)  # frames decoding can start from
+    keyframe_dts: dict[int, int | None] = field(default_factory=dict)  # by frame index
 
 
-def _frames(
-    container: av.container.InputContainer, stream: av.video.VideoStream, deadline: _Deadline
-) -> Iterator[av.VideoFrame]:
-    """``container.decode(stream)``, with the deadline checked before each packet's decode."""
+def _read_timeline(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    deadline: _Deadline,
+    max_frames: int,
+) -> _Timeline:
+    packets: list[tuple[int | None, int | None, bool]] = []  # pts, dts, keyframe
     for packet in container.demux(stream):
         deadline.check()
-        yield from packet.decode()
+        # Empty packets flush the decoder; discarded ones (before an edit list's start) decode
+        # to frames that are never shown.
+        if packet.size == 0 or packet.is_discard:
+            continue
+        if len(packets) == max_frames:  # stop reading early: this also bounds the list
+            raise MediaTooLargeError(f"video has more than the limit of {max_frames} frames")
+        packets.append((packet.pts, packet.dts, packet.is_keyframe))
+    known = [(pts, dts, key) for pts, dts, key in packets if pts is not None]
+    if len(known) < len(packets) or len({pts for pts, _, _ in known}) < len(known):
+        return _Timeline(len(packets))
+    known.sort()  # decode order -> presentation order
+    keyframe_dts = {index: dts for index, (_, dts, key) in enumerate(known) if key}
+    return _Timeline(len(known), [pts for pts, _, _ in known], [*keyframe_dts], keyframe_dts)
+
+
+class _TimestampMismatch(Exception):
+    """Decoded frames did not come with the timestamps their packets promised (an AVI's made-up
+    ones, in decode order), or a seek did not reach the keyframe asked for."""
+
+
+def _read_sampled(
+    source: VideoSource,
+    name: str,
+    num_frames: int,
+    total: int,
+    timeline: _Timeline,
+    sampling: Sampling,
+    deadline: _Deadline,
+) -> tuple[list[Image.Image], int]:
+    """The sampled frames, turned upright, and the rotation that was applied: found by seeking
+    and by their timestamps, or, when those turn out not to describe the frames, by counting
+    frames from the start."""
+    if sampling == "fast":
+        wanted = snapped_indices(total, num_frames, timeline.keyframes)
+    else:
+        wanted = sample_indices(total, num_frames)
+    try:
+        with _open_container(source, name, deadline) as container:
+            return _decode_sampled(container, wanted, timeline, deadline)
+    except _TimestampMismatch as exc:
+        log.debug("%s: %s; decoding from the start instead", name, exc)
+    # Decoding from the start, a keyframe costs as much to reach as the centre next to it.
+    wanted = sample_indices(total, num_frames)
+    with _open_container(source, name, deadline) as container:
+        return _decode_sampled(container, wanted, _Timeline(timeline.frames), deadline)
 
 
 def _decode_sampled(
-    container: av.container.InputContainer, wanted: list[int], deadline: _Deadline
+    container: av.container.InputContainer,
+    wanted: list[int],
+    timeline: _Timeline,
+    deadline: _Deadline,
 ) -> tuple[list[Image.Image], int]:
-    """The frames at the ``wanted`` indices (sorted), decoding no further than the last one,
-    turned upright; and the rotation that was applied (degrees counter-clockwise)."""
+    """The frames at the ``wanted`` indices (ascending), turned upright; and the rotation that was
+    applied (degrees counter-clockwise). Frames that are not wanted are never converted."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    wanted_set = set(wanted)
+    targets = sorted(set(wanted))
+    if timeline.pts:
+        found = _seek_and_decode(container, stream, targets, timeline, deadline)
+    else:
+        found = _decode_from_start(container, stream, targets, deadline)
     picked: dict[int, Image.Image] = {}
     rotation = 0
-    for index, frame in enumerate(_frames(container, stream, deadline)):
-        if index in wanted_set:
-            rotation = display_rotation(frame)
-            picked[index] = upright(frame.to_image(), rotation)
-        if index >= wanted[-1]:
-            break
+    for index, frame in found:
+        rotation = display_rotation(frame)
+        picked[index] = upright(frame.to_image(), rotation)
     if not picked:
         return [], 0
     # A stream can hold fewer frames than its header or packet count says: reuse the last one.
@@ -462,6 +588,142 @@ def _decode_sampled(
     for i in wanted:
         frames.append(picked.get(i, frames[-1] if frames else picked[min(picked)]))
     return frames, rotation
+
+
+def _decode_from_start(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    targets: list[int],
+    deadline: _Deadline,
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """The frames at ``targets`` (ascending), found by counting decoded frames from the start,
+    which needs no timestamps; decoding stops after the last one."""
+    wanted = set(targets)
+    decoded = 0
+    try:
+        for packet in container.demux(stream):
+            deadline.check()
+            for frame in packet.decode():
+                if decoded in wanted:
+                    yield decoded, frame
+                decoded += 1
+                if decoded > targets[-1]:
+                    return
+    finally:
+        log.debug("%d frames sampled: %d decoded in 1 runs", len(targets), decoded)
+
+
+def _seek_and_decode(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    targets: list[int],
+    timeline: _Timeline,
+    deadline: _Deadline,
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """The frames at ``targets`` (ascending), found by their pts: decoding runs forward and
+    seeks to a target's keyframe when that lies ahead (``_decode_runs``). Raises
+    ``_TimestampMismatch`` when the decoded frames are not the ones the timeline promised."""
+    index_of = {pts: index for index, pts in enumerate(timeline.pts)}
+    runs = _decode_runs(targets, timeline.keyframes)
+    decoded, position = 0, 0
+    try:
+        for start, run in runs:
+            if start is None:
+                packets = container.demux(stream)
+            else:
+                packets = _packets_from_keyframe(container, stream, timeline, start, position)
+            position, wanted = run[-1] + 1, set(run)
+            for index, frame in _run_frames(
+                packets, stream, index_of, start or 0, run[-1], deadline
+            ):
+                decoded += 1
+                if index in wanted:
+                    yield index, frame
+                if index == run[-1]:
+                    break
+    finally:
+        log.debug("%d frames sampled: %d decoded in %d runs", len(targets), decoded, len(runs))
+
+
+def _decode_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | None, list[int]]]:
+    """``targets`` (ascending frame indices) grouped into runs of forward decoding: each starts
+    with a seek to the given keyframe (None: no seek, go on from where decoding is) and decodes
+    up to its last target."""
+    runs: list[tuple[int | None, list[int]]] = []
+    position = 0
+    for target in targets:
+        start = _decode_start(target, position, keyframes)
+        if start > position:
+            runs.append((start, [target]))
+        elif runs:
+            runs[-1][1].append(target)
+        else:
+            runs.append((None, [target]))
+        position = target + 1
+    return runs
+
+
+def _packets_from_keyframe(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    timeline: _Timeline,
+    key: int,
+    position: int,
+) -> Iterator[av.Packet]:
+    """The stream's packets after a seek to keyframe ``key``, from it or from a keyframe between
+    it and ``position``, where decoding would otherwise have gone on: else a seek saves nothing.
+
+    MP4 and Matroska seek to a keyframe by its pts; MPEG-TS seeks by decode timestamps and
+    lands after it, so then the seek is repeated with its dts.
+    """
+    lowest, highest = timeline.pts[position], timeline.pts[key]
+    for stamp in dict.fromkeys([highest, timeline.keyframe_dts[key]]):
+        if stamp is None:
+            continue
+        container.seek(stamp, stream=stream, backward=True)
+        packets = container.demux(stream)
+        first = next(packets, None)
+        if first and first.is_keyframe and first.pts is not None and lowest <= first.pts <= highest:
+            return itertools.chain([first], packets)
+    raise _TimestampMismatch(f"a seek did not reach the keyframe at pts {highest}")
+
+
+def _run_frames(
+    packets: Iterator[av.Packet],
+    stream: av.video.VideoStream,
+    index_of: dict[int, int],
+    first: int,
+    last: int,
+    deadline: _Deadline,
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Frames ``first`` to ``last`` in order, with their index, decoded from ``packets``, which
+    start at frame ``first`` (a keyframe, or the stream's start) or at a keyframe before it.
+    The deadline is checked before each packet.
+
+    The decoder is drained as soon as the packets of frames first to last have all been sent:
+    a threaded decoder holds a few frames back and would decode as many more packets before
+    giving them up, which is most of the work when a run is one keyframe after a seek.
+    """
+    unsent = last - first + 1  # in decode order, a B-frame comes after the later frames it uses
+    expected = first
+    for packet in packets:
+        deadline.check()
+        frames = packet.decode()
+        sent = None if packet.pts is None else index_of.get(packet.pts)
+        if sent is not None and first <= sent <= last:
+            unsent -= 1
+            if unsent == 0:  # drain: a seek or the end comes next
+                frames += stream.codec_context.decode(None)
+        for frame in frames:
+            index = None if frame.pts is None else index_of.get(frame.pts)
+            if index is not None and index < first and expected == first:
+                continue  # from an earlier keyframe, or an open GOP's leading frames
+            if index != expected:
+                raise _TimestampMismatch(f"frame {expected} was expected, frame {index} came")
+            yield expected, frame
+            expected += 1
+        if unsent == 0:
+            return
 
 
 def display_rotation(frame: av.VideoFrame) -> int:

@@ -96,7 +96,8 @@ def make_slow_video(
 
     Each copy is a few KB but decodes as a full frame (at 4096x2160, tens of ms), so 1,000 of
     them make a 2.5 MB file, within every byte, pixel and duration limit, that takes a minute
-    or more to decode. Writing it costs one encode.
+    or more to decode. Writing it costs one encode. Only the first packet is flagged as a
+    keyframe, as an attacker would do: a reader that seeks to keyframes cannot skip the rest.
     """
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"keyint": "1"})
@@ -111,6 +112,6 @@ def make_slow_video(
             packet.stream = stream
             packet.pts = packet.dts = index
             packet.time_base = time_base
-            packet.is_keyframe = True
+            packet.is_keyframe = index == 0
             container.mux(packet)
     return path

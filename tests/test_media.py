@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -8,16 +10,20 @@ import av
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from captioner.config import PreprocessConfig
-from captioner.errors import InvalidMediaError, MediaTooLargeError
+from captioner.errors import ConfigError, InvalidMediaError, MediaTooLargeError
 from captioner.media import (
+    SNAP_AFTER_FRAMES,
     Preprocessor,
     VideoLimits,
     load_image,
     read_video,
     sample_indices,
+    snapped_indices,
 )
 from tests.conftest import make_slow_video, make_video, png_bytes
 
@@ -267,3 +273,185 @@ def test_a_decode_budget_leaves_normal_clips_alone(tmp_path) -> None:
     path = make_video(tmp_path / "clip.mp4", "libx264", num_frames=20)
     frames, info = read_video(path, 4, VideoLimits(max_decode_s=30))
     assert len(frames) == 4 and info.total_frames == 20
+
+
+# -- seeking and keyframe sampling on long clips ----------------------------------------------
+
+
+def make_numbered_video(
+    path: Path, num_frames: int, keyint: int, container_format: str | None = None
+) -> Path:
+    """An H.264 clip whose frame i is a flat colour that encodes i (``frame_number`` reads it),
+    with keyframes exactly every ``keyint`` frames (no scene-cut keyframes) and x264's B-frames."""
+    assert num_frames <= 256
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(
+            "libx264", rate=30, options={"x264-params": f"keyint={keyint}:scenecut=0"}
+        )
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(num_frames):
+            colour = ((i % 16) * 16 + 8, 128, (i // 16) * 16 + 8)
+            pixels = np.full((48, 64, 3), colour, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def frame_number(image: Image.Image) -> int:
+    red, _, blue = image.getpixel((32, 24))
+    return (blue // 16) * 16 + red // 16  # levels 16 apart: a lossy codec's +-7 is harmless
+
+
+def decode_stats(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(frames decoded, decoding runs) from the last read's debug line."""
+    found = re.findall(r"(\d+) decoded in (\d+) runs", caplog.text)
+    assert found, caplog.text
+    decoded, runs = found[-1]
+    return int(decoded), int(runs)
+
+
+def keyframe_indices(path: Path) -> list[int]:
+    """Which frames, in presentation order, are keyframes: read here with PyAV directly."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = sorted((p.pts, p.is_keyframe) for p in container.demux(stream) if p.size)
+    return [index for index, (_, key) in enumerate(packets) if key]
+
+
+def test_snapping_takes_a_keyframe_only_where_reaching_the_centre_is_costly() -> None:
+    # 240 frames, keyframes every 80, 4 segments of 60 with centres 30, 90, 150, 210:
+    # 30 would decode 31 frames from 0: the keyframe 0 in its segment instead; 90 is 11 frames
+    # after the keyframe 80: kept; 150 would decode on from 91 (60 frames): the keyframe 160 is
+    # in its segment; 210 costs 50 from 161, but its segment [180, 240) holds no keyframe.
+    assert snapped_indices(240, 4, [0, 80, 160]) == [0, 90, 160, 210]
+    assert sample_indices(240, 4) == [30, 90, 150, 210]
+    assert snapped_indices(240, 4, []) == [30, 90, 150, 210]  # nothing to snap to
+    # Every frame a keyframe (MJPEG, all-intra): every centre costs one frame.
+    assert snapped_indices(240, 4, list(range(240))) == [30, 90, 150, 210]
+    # One sample: of 40 frames, the centre (20) costs 21 frames, so the keyframe 0 instead; of
+    # 28, the centre (14) costs SNAP_AFTER_FRAMES = 15 frames: kept.
+    assert snapped_indices(40, 1, [0]) == [0]
+    assert snapped_indices(2 * SNAP_AFTER_FRAMES - 2, 1, [0]) == [SNAP_AFTER_FRAMES - 1]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    total=st.integers(1, 3000),
+    num_frames=st.integers(1, 32),
+    keyframe_set=st.sets(st.integers(0, 2999), max_size=40),
+)
+def test_snapped_samples_come_one_from_each_segment_in_order(
+    total: int, num_frames: int, keyframe_set: set[int]
+) -> None:
+    keyframes = sorted(k for k in keyframe_set if k < total)
+    snapped = snapped_indices(total, num_frames, keyframes)
+    centres = sample_indices(total, num_frames)
+    assert len(snapped) == num_frames
+    for segment, (index, centre) in enumerate(zip(snapped, centres, strict=True)):
+        if index != centre:
+            assert index in keyframes
+            assert segment * total / num_frames <= index < (segment + 1) * total / num_frames
+    if total >= num_frames:
+        assert snapped == sorted(set(snapped))
+    if total <= SNAP_AFTER_FRAMES * num_frames:  # no segment is long: reaching any centre is cheap
+        assert snapped == centres
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec"),
+    [
+        (".mp4", "libx264"),
+        (".webm", "libvpx-vp9"),
+        (".avi", "mjpeg"),
+        (".mov", "mpeg4"),
+        (".gif", "gif"),
+    ],
+)
+def test_short_clips_get_the_same_frames_as_before_keyframe_snapping(
+    tmp_path, suffix, codec
+) -> None:
+    # The helper's clips (20 frames, 3 in one test), at any number of frames asked for, and a
+    # 120-frame clip at the default 8 (segments of 15 frames: SNAP_AFTER_FRAMES).
+    for length, asked in [(20, range(1, 25)), (3, range(1, 6)), (120, [8])]:
+        path = make_video(tmp_path / f"clip{length}{suffix}", codec, num_frames=length)
+        keyframes = keyframe_indices(path)
+        for num_frames in asked:
+            assert snapped_indices(length, num_frames, keyframes) == sample_indices(
+                length, num_frames
+            ), (length, num_frames, keyframes)
+    path = make_video(tmp_path / f"clip{suffix}", codec, num_frames=20)
+    for num_frames in (4, 8):  # and the two policies read the same pixels
+        fast, _ = read_video(path, num_frames)
+        exact, _ = read_video(path, num_frames, VideoLimits(sampling="exact"))
+        assert [f.tobytes() for f in fast] == [f.tobytes() for f in exact]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "container_format"),
+    [(".mp4", None), (".mkv", None), (".ts", "mpegts")],  # MPEG-TS seeks by decode timestamp
+)
+def test_a_long_gop_clip_is_read_by_seeking_to_keyframes(
+    tmp_path, caplog, suffix, container_format
+) -> None:
+    path = make_numbered_video(tmp_path / f"long{suffix}", 240, 80, container_format)
+    assert keyframe_indices(path) == [0, 80, 160]
+    caplog.set_level(logging.DEBUG, logger="captioner.media")
+    frames, info = read_video(path, 4)  # "fast", the default
+    assert [frame_number(f) for f in frames] == [0, 90, 160, 210]
+    assert info.total_frames == 240 and info.frames_used == 4
+    decoded, runs = decode_stats(caplog)
+    # Runs: 0 from the start; 90 after a seek to 80 (11 frames); 160 after a seek, then on to
+    # 210 (51 frames). Sequential decoding would have given 211 frames.
+    assert runs == 3 and decoded <= 70, (decoded, runs)
+    frames, _ = read_video(path.read_bytes(), 4, VideoLimits(sampling="exact"))
+    assert [frame_number(f) for f in frames] == [30, 90, 150, 210]
+    decoded, runs = decode_stats(caplog)
+    # 0-30 from the start; seek to 80, on to 150; seek to 160, on to 210.
+    assert runs == 3 and decoded <= 160, (decoded, runs)
+    # Many samples per run: B-frames come after later frames in decode order, and a run must
+    # not stop before they are decoded.
+    for num_frames in (7, 16, 50, 120):
+        exact, _ = read_video(path, num_frames, VideoLimits(sampling="exact"))
+        assert [frame_number(f) for f in exact] == sample_indices(240, num_frames)
+        fast, _ = read_video(path, num_frames)
+        assert [frame_number(f) for f in fast] == snapped_indices(240, num_frames, [0, 80, 160])
+
+
+def test_a_short_keyframe_interval_gives_exact_centres_in_both_policies(tmp_path, caplog) -> None:
+    path = make_numbered_video(tmp_path / "phone.mp4", 240, keyint=10)
+    caplog.set_level(logging.DEBUG, logger="captioner.media")
+    centres = sample_indices(240, 5)  # 24, 72, 120, 168, 216: at most 9 frames past a keyframe
+    for sampling in ("fast", "exact"):
+        frames, _ = read_video(path, 5, VideoLimits(sampling=sampling))
+        assert [frame_number(f) for f in frames] == centres
+        decoded, runs = decode_stats(caplog)
+        assert runs == 5 and decoded <= 5 * 10, (decoded, runs)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "container_format"),
+    [
+        (".h264", "h264"),  # a raw H.264 stream has no timestamps at all
+        (".avi", "avi"),  # AVI makes them up in decode order, which B-frames reorder
+    ],
+)
+def test_a_stream_without_usable_timestamps_is_decoded_from_the_start(
+    tmp_path, caplog, suffix, container_format
+) -> None:
+    # Frames cannot be matched to packets after a seek: decoding goes from the start and counts
+    # frames, as it always did.
+    path = make_numbered_video(tmp_path / f"clip{suffix}", 240, 80, container_format)
+    caplog.set_level(logging.DEBUG, logger="captioner.media")
+    for sampling in ("fast", "exact"):
+        frames, info = read_video(path, 4, VideoLimits(sampling=sampling))
+        assert [frame_number(f) for f in frames] == [30, 90, 150, 210]
+        assert info.total_frames == 240
+        decoded, runs = decode_stats(caplog)
+        assert runs == 1 and decoded == 211, (decoded, runs)
+
+
+def test_an_unknown_sampling_policy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="sampling"):
+        VideoLimits(sampling="keyframes")  # type: ignore[arg-type]
