@@ -118,6 +118,9 @@ def onnx_encoder(
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # No busy-waiting between runs: PyTorch's decoder and the media threads need the cores
+        # the moment the CNN is done (see captioner.cli.passive_openmp_waits for the numbers).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; the fallback below reports them
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 from captioner import __version__
-from captioner.cli import main
+from captioner.cli import main, passive_openmp_waits
 from tests.conftest import make_video
 
 
@@ -139,3 +142,26 @@ def test_a_one_frame_gif_is_captioned_as_an_image(tmp_path, tiny_checkpoint, cap
     assert main(["caption", str(tmp_path / "still.gif"), "--model", str(tiny_checkpoint)]) == 0
     (line,) = map(json.loads, capsys.readouterr().out.splitlines())
     assert line["caption"]
+
+
+def test_inference_commands_let_openmp_threads_sleep_before_torch_loads() -> None:
+    program = (
+        "import os, sys\n"
+        "from captioner.cli import passive_openmp_waits\n"
+        "print(passive_openmp_waits(sys.argv[1]), os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def run(command: str, **extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", program, command],
+            env=env | extra, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    assert run("serve") == "True PASSIVE"
+    assert run("batch") == "True PASSIVE"
+    assert run("train") == "False None"  # training keeps OpenMP's default
+    assert run("serve", OMP_WAIT_POLICY="ACTIVE") == "True ACTIVE"  # the operator's wins
+    # Once torch is loaded OpenMP has read its settings: nothing is changed then.
+    assert passive_openmp_waits("serve") is False
