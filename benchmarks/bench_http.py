@@ -97,9 +97,9 @@ def main() -> None:
         "--baseline-runtimes",
         nargs="*",
         choices=["torch", "auto"],
-        default=["torch"],
+        default=None,
         help="the baseline's CNN: torch (the tutorial's plain PyTorch) and/or auto "
-        "(captioner's ONNX Runtime CNN); none: captioner alone",
+        "(captioner's ONNX Runtime CNN); none: captioner alone (default: both; --quick: torch)",
     )
     parser.add_argument("--device", default="cpu", help="both servers' (cuda: benchmarks/gpu.sh)")
     parser.add_argument(
@@ -114,6 +114,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     levels = args.concurrency or ([1, 16] if args.quick else [1, 4, 16, 64])
+    if args.baseline_runtimes is None:
+        args.baseline_runtimes = ["torch"] if args.quick else ["torch", "auto"]
     seconds = args.seconds or (4.0 if args.quick else 12.0)
     warm_up = 1.0 if args.quick else 3.0
 
