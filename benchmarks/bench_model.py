@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from captioner.inference import Captioner
+from captioner.onnx_encoder import onnx_encoder
 
 
 def per_second(work: Callable[[], object], items: int, seconds: float) -> float:
@@ -123,6 +124,23 @@ def main() -> None:
         name = captioner.describe()["encoder_runtime"]
         runtimes[name] = measure(captioner, batches, clips, seconds)
 
+    spinning = None
+    if args.device == "cpu":
+        # The CNN alone with ONNX Runtime's threads busy-waiting between runs: faster on its
+        # own, slower in the server (captioner/onnx_encoder.py), shown for comparison.
+        size = captioners["auto"].checkpoint.preprocess.image_size
+        spinner = onnx_encoder(captioners["auto"].model.encoder, size, spinning=True)
+        if spinner is not None:
+            spinning = {}
+            for batch in batches:
+                stacked = torch.cat(pixels(batch, 1, size, torch.device("cpu")))
+
+                def encoder(stacked: torch.Tensor = stacked) -> object:
+                    with torch.inference_mode():
+                        return spinner(stacked)
+
+                spinning[f"batch_{batch}"] = round(per_second(encoder, batch, seconds), 1)
+
     report: dict[str, object] = {
         "machine": _machine(args.device),
         "threads": torch.get_num_threads(),
@@ -131,6 +149,8 @@ def main() -> None:
         "decoding": vars(captioners["torch"].options()),
         "results": runtimes,
     }
+    if spinning is not None:
+        report["onnxruntime_spinning_encoder_images_per_s"] = spinning
     if "onnxruntime" in runtimes:
         probe = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():

@@ -148,6 +148,16 @@ def model_section(model: dict[str, Any]) -> list[str]:
         frames, batch = key.split("_")[1], key.split("_")[-1]
         cells = " | ".join(str(runtimes[n][key]["clips_per_s"]) for n in names)
         lines.append(f"| {frames} frames, batch {batch} | {cells} |")
+    if "onnxruntime_spinning_encoder_images_per_s" in model:
+        spinning = model["onnxruntime_spinning_encoder_images_per_s"]
+        figures = ", ".join(f"{v} at batch {k.removeprefix('batch_')}" for k, v in spinning.items())
+        lines += [
+            "",
+            "With ONNX Runtime's threads busy-waiting between runs (`spinning`), the CNN alone "
+            f"does {figures} images/s; captioner turns that off, because in the server the "
+            "spinning threads take the cores the decoder and the image decoding need "
+            "(`captioner/onnx_encoder.py` gives the numbers).",
+        ]
     if "max_abs_feature_difference" in model:
         lines += [
             "",
@@ -202,7 +212,9 @@ def render() -> Path:
         "python -m benchmarks.performance --render   # only rewrite it from benchmarks/results/",
         "```",
         "",
-        "and nothing on it is typed by hand. A GPU run is `benchmarks/gpu.sh`.",
+        "and nothing on it is typed by hand. A GPU run is `benchmarks/gpu.sh`. On a small "
+        "machine, figures from separate runs differ by up to about 20%; ratios are taken "
+        "within one run.",
         "",
     ]
     if http:

@@ -1,8 +1,8 @@
 """ONNX Runtime for the CNN encoder on CPUs: the same weights and outputs, ~3x the images/s.
 
 Eager PyTorch runs EfficientNet-Lite0's depthwise convolutions far from what a CPU can do;
-ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU: 40 -> 128 images/s at
-batch 1, 36 -> 133 at batch 32, max abs difference 3e-5; benchmarks/bench_encoder.py).
+ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU: 38 -> 99 images/s at
+batch 1, 27 -> 103 at batch 32, max abs difference 3e-5; ``python -m benchmarks.bench_model``).
 The encoder is exported once per set of weights, into a cache folder keyed by the SHA-256
 of its weights and config, and every new session is checked
 against PyTorch on a probe batch before it is used. Anything that goes wrong (the runtime is
@@ -103,8 +103,14 @@ def onnx_encoder(
     *,
     threads: int | None = None,
     folder: Path | None = None,
+    spinning: bool = False,
 ) -> OnnxEncoder | None:
-    """The encoder on ONNX Runtime, or None (logged once) when that is not possible here."""
+    """The encoder on ONNX Runtime, or None (logged once) when that is not possible here.
+
+    ``spinning`` lets its threads busy-wait between runs: faster for the CNN alone (121 against
+    96 images/s at batch 1 on 2 cores), slower for everything else on the machine, so captioner
+    leaves it off (over HTTP: 13.7 against 11.6 images/s at 1 client, 34.5 against 26.7 at 16).
+    """
     try:
         import onnxruntime
     except ImportError:
@@ -118,9 +124,9 @@ def onnx_encoder(
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        # No busy-waiting between runs: PyTorch's decoder and the media threads need the cores
-        # the moment the CNN is done (see captioner.cli.passive_openmp_waits for the numbers).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No busy-waiting between runs by default: PyTorch's decoder and the media threads need
+        # the cores the moment the CNN is done.
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         options.log_severity_level = 3  # errors only; the fallback below reports them
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
