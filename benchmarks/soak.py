@@ -83,7 +83,9 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
 
 
 def _slow_video(frames: int) -> bytes:
-    """Flat 4K keyframes, one encoded and muxed ``frames`` times: small, slow to decode."""
+    """One flat 4K keyframe muxed ``frames`` times: small, slow to decode. Only the first
+    packet is flagged as a keyframe, as an attacker would do, so that a reader that seeks to
+    keyframes cannot skip the rest (tests/conftest.py's make_slow_video does the same)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "slow.mkv"
         with av.open(str(path), mode="w") as container:
@@ -95,7 +97,7 @@ def _slow_video(frames: int) -> bytes:
                 packet = av.Packet(bytes(encoded[0]))
                 packet.stream, packet.time_base = stream, encoded[0].time_base
                 packet.pts = packet.dts = index
-                packet.is_keyframe = True
+                packet.is_keyframe = index == 0
                 container.mux(packet)
         return path.read_bytes()
 
