@@ -21,8 +21,6 @@ import contextlib
 import io
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.loadgen import LoadResult, Request, load, multipart
+from benchmarks.reporting import machine, write_report
 from benchmarks.servers import ROOT, Server, captioner_command, peak_rss_mb, running
 
 log = logging.getLogger("bench_http")
@@ -128,7 +127,7 @@ def main() -> None:
                  mean_kb, time.perf_counter() - started)  # fmt: skip
 
     report: dict[str, object] = {
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "server_env": args.server_env,
         "python": sys.version.split()[0],
         "corpus": {
@@ -190,11 +189,7 @@ def main() -> None:
         }
     text = json.dumps(report, indent=1)
     print(text)
-    out = args.out or Path(
-        f"benchmarks/results/http_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(text, "http", args.device, args.out)
 
 
 def _ratio(ours: LoadResult, theirs: LoadResult) -> float | None:
@@ -209,16 +204,6 @@ def _line(row: dict[str, object]) -> str:
         elif key.startswith("ratio"):
             parts.append(f"{key} {value}")
     return "; ".join(parts)
-
-
-def _machine(device: str) -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    where = f"{platform.machine()}, {cpus} CPUs"
-    if device == "cpu":
-        return f"{where}, CPU only"
-    import torch
-
-    return f"{torch.cuda.get_device_name(0)}, {where}"
 
 
 if __name__ == "__main__":

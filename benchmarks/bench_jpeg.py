@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from benchmarks.bench_http import SIZES, corpus
+from benchmarks.reporting import machine, write_report
 from captioner.inference import Captioner
 
 
@@ -83,14 +84,11 @@ def main() -> None:
                 row[f"cuda_batch_{batch}_ms"] = ms_per_image(on_gpu, batch, repeats)
         results[name] = row
         print(name, row, flush=True)
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    report = {"machine": f"{machine}, {torch.get_num_threads()} threads", "results": results}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {"machine": machine(device), "results": results}
     text = json.dumps(report, indent=1)
     print(text)
-    kind = "gpu" if torch.cuda.is_available() else "cpu"
-    out = args.out or Path(f"benchmarks/results/jpeg_{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(text, "jpeg", device, args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.reporting import machine, write_report
 from captioner.inference import Captioner
 from captioner.onnx_encoder import onnx_encoder
 
@@ -142,7 +142,7 @@ def main() -> None:
                 spinning[f"batch_{batch}"] = round(per_second(encoder, batch, seconds), 1)
 
     report: dict[str, object] = {
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "threads": torch.get_num_threads(),
         "model": str(args.model or "shipped default"),
         "precision": str(captioners["torch"].dtype).removeprefix("torch."),
@@ -165,20 +165,7 @@ def main() -> None:
         }
     text = json.dumps(report, indent=1)
     print(text)
-    out = args.out or Path(
-        f"benchmarks/results/model_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-
-
-def _machine(device: str) -> str:
-    if device != "cpu" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, {platform.machine()}"
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.machine()}, {cpus} CPUs, CPU only"
+    write_report(text, "model", args.device, args.out)
 
 
 if __name__ == "__main__":

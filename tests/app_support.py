@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.service import State
 from app.settings import Settings
+from benchmarks.servers import Server, captioner_command, running
 from tests.conftest import frame_image, png_bytes
 
 KiB = 1024
@@ -94,53 +88,10 @@ def assert_error(response: Any, status: int, type: str, param: str | None = "*")
 # -- the real server, as a process ----------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    port: int
-    log: Path
-    ready_after_s: float
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def server_process(env: dict[str, str], log: Path, within_s: float = 60) -> Iterator[Server]:
-    """``captioner serve`` on a free local port with ``env`` added, once /health/ready says 200.
-
-    Its output goes to ``log``; on the way out a server still running gets SIGTERM.
-    """
-    port = free_port()
-    # The server imports this checkout's packages, wherever the installed ones point.
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
-    started = time.monotonic()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env=os.environ | {"PYTHONPATH": path} | env,
-            stdout=sink,
-            stderr=sink,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() - started < within_s, f"not ready after {within_s} s"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield Server(process, url, port, log, time.monotonic() - started)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
+    """``captioner serve`` from this checkout on a free local port with ``env`` added, once
+    /health/ready says 200 (the benchmarks' launcher). Its output goes to ``log``."""
+    command, base_env = captioner_command(None)
+    with running(command, log, base_env | env, ready_within_s=within_s) as server:
+        yield server
