@@ -2,8 +2,9 @@
 
 Both work on the whole batch at once (B images x K beams as one tensor batch); there is no
 per-image Python loop. They are pure functions of (model, visual context, options); the context
-is anything the decoder's ``init_state`` and ``step`` read that has rows per item (``len``,
-``device``, row indexing and ``repeat_interleave``): a VisualContext, or a plain tensor in tests.
+is anything the decoder's ``prepare``, ``init_state`` and ``step`` read that has rows per item
+(``len``, ``device``, row indexing and ``repeat_interleave``): a VisualContext, or a plain tensor
+in tests.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def greedy_decode(
 ) -> list[Hypothesis]:
     """The single most likely next token at every step, for the whole batch at once."""
     batch = len(visual)
+    visual = model.decoder.prepare(visual)
     state = model.decoder.init_state(visual)
     last = torch.full((batch,), vocab.bos_id, dtype=torch.long, device=visual.device)
     history = last.new_empty((batch, 0))
@@ -115,7 +117,7 @@ def beam_search(
     """
     batch, beams, vocab_size = len(visual), options.beam_size, len(vocab)
     device = visual.device
-    visual = visual.repeat_interleave(beams, dim=0)  # B*K rows
+    visual = model.decoder.prepare(visual).repeat_interleave(beams, dim=0)  # B*K rows
     h, c = model.decoder.init_state(visual)
     scores = torch.full((batch, beams), NEG_INF, device=device)
     scores[:, 0] = 0.0  # one live beam per item at the start, so the first step gives K distinct

@@ -26,6 +26,9 @@ class MarkovDecoder:
                 for token, prob in row.items():
                     self.tables[t, last, token] = math.log(prob)
 
+    def prepare(self, visual: torch.Tensor) -> torch.Tensor:
+        return visual
+
     def init_state(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         zeros = visual.new_zeros(1, visual.shape[0], 1)
         return zeros, zeros.clone()

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
+from captioner import model as model_module
 from captioner.model import CaptionModel, VisualContext, frame_mask
 from tests.conftest import make_tiny_model
 
@@ -78,6 +80,49 @@ def test_decoding_steps_match_teacher_forcing(tiny_vocab) -> None:
         for t in range(tokens.shape[1]):
             log_probs, state = model.decoder.step(tokens[:, t], state, visual)
             torch.testing.assert_close(log_probs, parallel[:, t], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference", "inference_untabulated"])
+def test_decoding_steps_match_teacher_forcing_in_each_mode(tiny_vocab, mode, monkeypatch) -> None:
+    """step's hand-written LSTM cell equals nn.LSTM's, with the word-gate table (inference)
+    and without it (gradients on, or a vocabulary over the table's size limit)."""
+    model = make_tiny_model(tiny_vocab).eval()
+    tokens = torch.randint(0, len(tiny_vocab), (2, 5))
+    with torch.no_grad():
+        visual = model.encode(torch.tensor([2, 1]), frames=torch.randn(2, 2, 3, 64, 64))
+        parallel = model.decoder(tokens, visual).log_softmax(-1)
+    if mode == "inference_untabulated":
+        monkeypatch.setattr(model_module, "MAX_GATE_TABLE", 0)
+    contexts = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad}
+    with contexts.get(mode, torch.inference_mode)():
+        prepared = model.decoder.prepare(visual)
+        state = model.decoder.init_state(prepared)
+        for t in range(tokens.shape[1]):
+            log_probs, state = model.decoder.step(tokens[:, t], state, prepared)
+            torch.testing.assert_close(log_probs, parallel[:, t], rtol=1e-4, atol=1e-5)
+    tabulated = model.decoder._gate_table is not None
+    assert tabulated is (mode in ("no_grad", "inference"))
+
+
+def test_the_word_gate_table_follows_changed_weights(tiny_vocab) -> None:
+    """A weight changed in place (an optimiser step, load_state_dict) builds a new table."""
+    model = make_tiny_model(tiny_vocab).eval()
+    with torch.no_grad():
+        visual = model.encode(torch.tensor([1]), frames=torch.randn(1, 1, 3, 64, 64))
+    tokens = torch.tensor([3])
+
+    def first_step() -> torch.Tensor:
+        with torch.inference_mode():
+            prepared = model.decoder.prepare(visual)
+            return model.decoder.step(tokens, model.decoder.init_state(prepared), prepared)[0]
+
+    before = first_step()
+    with torch.no_grad():
+        model.decoder.embed.weight[3] += 1.0
+        expected = model.decoder(tokens[:, None], visual).log_softmax(-1)[:, 0]
+    after = first_step()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_visual_context_rows_split_and_repeat(tiny_vocab) -> None:

@@ -83,6 +83,9 @@ class RandomMarkovDecoder:
     def __init__(self, tables: torch.Tensor) -> None:
         self.tables = tables  # (items, vocab, vocab), log-softmaxed over the last dimension
 
+    def prepare(self, visual: torch.Tensor) -> torch.Tensor:
+        return visual
+
     def init_state(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         zeros = visual.new_zeros(1, visual.shape[0], 1)
         return zeros, zeros.clone()
