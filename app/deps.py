@@ -9,7 +9,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.service import CaptionService
-from app.settings import Settings, get_settings
+from app.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings this app was created with (``create_app``)."""
+    return request.app.state.settings
 
 
 def get_service(request: Request) -> CaptionService:
@@ -25,7 +30,7 @@ def get_started(request: Request) -> float:
     return getattr(request.state, "started", None) or time.perf_counter()
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ServiceDep = Annotated[CaptionService, Depends(get_service)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 StartedDep = Annotated[float, Depends(get_started)]

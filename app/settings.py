@@ -1,7 +1,7 @@
 """Service settings, read from ``CAPTIONER_*`` environment variables (pydantic-settings).
 
-Routes receive them through the cached ``get_settings`` dependency; tests override it, or pass
-a ``Settings`` to ``create_app``.
+``create_app`` takes a ``Settings`` (tests pass their own) or reads the environment once through
+the cached ``get_settings``; routes receive the app's through ``app.deps.SettingsDep``.
 """
 
 from __future__ import annotations

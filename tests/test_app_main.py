@@ -96,3 +96,16 @@ def test_docs_load_nothing_from_outside_the_server(tiny_checkpoint) -> None:
             assert client.get(asset).status_code == 200, asset
         assert "SwaggerUIBundle" in client.get("/docs/static/swagger-ui-bundle.js").text
         assert client.get("/openapi.json").json()["openapi"].startswith("3.1")  # UI 5 reads it
+
+
+def test_two_apps_in_one_process_each_answer_by_their_own_settings(tiny_checkpoint) -> None:
+    """Settings travel on the app, not through a dependency override: with any override set,
+    FastAPI re-inspects every route's dependencies on every request."""
+    open_app = create_app(tiny_settings(tiny_checkpoint))
+    locked_app = create_app(tiny_settings(tiny_checkpoint, api_keys="secret"))
+    assert not open_app.dependency_overrides and not locked_app.dependency_overrides
+    with ready_client(open_app) as open_client, ready_client(locked_app) as locked_client:
+        assert open_client.get("/v1/models").status_code == 200
+        assert locked_client.get("/v1/models").status_code == 401
+        headers = {"Authorization": "Bearer secret"}
+        assert locked_client.get("/v1/models", headers=headers).status_code == 200
