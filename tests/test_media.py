@@ -21,6 +21,7 @@ from captioner.media import (
     Preprocessor,
     VideoLimits,
     load_image,
+    open_image,
     read_video,
     sample_indices,
     snapped_indices,
@@ -455,3 +456,21 @@ def test_a_stream_without_usable_timestamps_is_decoded_from_the_start(
 def test_an_unknown_sampling_policy_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="sampling"):
         VideoLimits(sampling="keyframes")  # type: ignore[arg-type]
+
+
+def test_exif_orientation_turns_opened_photos_upright_and_leaves_callers_images_alone() -> None:
+    pixels = np.zeros((40, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = (220, 20, 20)  # stored: red left half, blue right half
+    pixels[:, 32:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown a quarter turn clockwise, as phones store portraits
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    opened, info = open_image(buffer.getvalue())
+    assert opened.size == (40, 64) and (info.width, info.height) == (40, 64)
+    upright = np.asarray(opened)
+    assert upright[5, 20, 0] > 200 and upright[-5, 20, 2] > 200  # red on top, blue below
+    callers = Image.open(io.BytesIO(buffer.getvalue()))
+    turned, _ = open_image(callers)
+    assert turned.size == (40, 64) and callers.size == (64, 40)
+    assert callers.getexif().get(0x0112) == 6
