@@ -3,10 +3,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from app.errors import ApiError
-from app.uploads import bounded, media_type
+from app.uploads import _form, bounded, media_type
 
 
 def request(body_chunks: list[bytes], headers: dict[str, str]) -> Request:
@@ -54,3 +55,59 @@ def test_a_declared_length_past_the_limit_fails_before_reading() -> None:
     with pytest.raises(ApiError, match="1000 bytes"):
         bounded(req, 10, param="image")
     assert req.received == []
+
+
+BOUNDARY = "test-boundary"
+
+
+def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    body = b""
+    for name, data in parts:
+        body += (
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="x.jpg"'
+                "\r\nContent-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    body += f"--{BOUNDARY}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def parsed_parts(
+    body: bytes, headers: dict[str, str], spool_bytes: int | None
+) -> list[tuple[bytes, bool]]:
+    """Each file part's bytes and whether it stayed in memory."""
+
+    async def parse() -> list[tuple[bytes, bool]]:
+        chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+        req = request(chunks, headers)
+        req.scope["app"] = None  # inside an app, Starlette turns parse errors into a 400
+        async with _form(
+            req, 10 << 20, max_files=4, param="image", spool_bytes=spool_bytes
+        ) as form:
+            parts = [value for _, value in form.multi_items()]
+            return [(await part.read(), part._in_memory) for part in parts]
+
+    return asyncio.run(parse())
+
+
+def test_image_parts_up_to_the_spool_size_stay_in_memory_and_larger_ones_go_to_disk() -> None:
+    photo = bytes(range(256)) * 6000  # 1.5 MB: over Starlette's 1 MB default spool
+    body, headers = multipart([("image", photo), ("image", photo[:1000])])
+    assert parsed_parts(body, headers, spool_bytes=None) == [(photo, False), (photo[:1000], True)]
+    assert parsed_parts(body, headers, spool_bytes=2 << 20) == [(photo, True), (photo[:1000], True)]
+    assert parsed_parts(body, headers, spool_bytes=1 << 19) == [
+        (photo, False),
+        (photo[:1000], True),
+    ]
+
+
+@pytest.mark.parametrize("spool_bytes", [None, 2 << 20])
+def test_malformed_multipart_is_a_400_with_either_spool(spool_bytes) -> None:
+    body, headers = multipart([("image", b"abc")])
+    headers["Content-Type"] = "multipart/form-data"  # no boundary
+    with pytest.raises(HTTPException) as caught:
+        parsed_parts(body, headers, spool_bytes=spool_bytes)
+    assert caught.value.status_code == 400
