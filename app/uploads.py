@@ -229,16 +229,14 @@ async def _form(
     max_files: int,
     param: str,
     too_many: ApiError | None = None,
-    spool_bytes: int | None = None,
+    spool_bytes: int = MultiPartParser.spool_max_size,
 ) -> Any:
     """The multipart form, closed on exit; file parts up to ``spool_bytes`` stay in memory
-    (None: Starlette's default, 1 MB)."""
-    body = bounded(request, limit, param=param)
+    (by default Starlette's 1 MB), larger ones go to a temporary file."""
     try:
-        if spool_bytes is None:
-            form = await body.form(max_files=max_files, max_fields=64)
-        else:
-            form = await _parse_multipart(body, max_files=max_files, spool_bytes=spool_bytes)
+        form = await _parse_multipart(
+            bounded(request, limit, param=param), max_files=max_files, spool_bytes=spool_bytes
+        )
     except HTTPException as exc:
         # Starlette stops parsing at max_files with this message; say it in our own terms.
         if too_many is not None and "Too many files" in str(exc.detail):
@@ -251,7 +249,7 @@ async def _form(
 
 
 async def _parse_multipart(request: Request, *, max_files: int, spool_bytes: int) -> FormData:
-    """What ``request.form()`` does for multipart bodies, with a larger in-memory spool."""
+    """What ``request.form()`` does for a multipart body, with the in-memory spool chosen."""
     async with contextlib.aclosing(request.stream()) as stream:
         parser = MultiPartParser(request.headers, stream, max_files=max_files, max_fields=64)
         parser.spool_max_size = spool_bytes  # read per part, as the class attribute would be

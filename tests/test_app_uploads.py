@@ -78,15 +78,14 @@ def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
 def parsed_parts(
     body: bytes, headers: dict[str, str], spool_bytes: int | None
 ) -> list[tuple[bytes, bool]]:
-    """Each file part's bytes and whether it stayed in memory."""
+    """Each file part's bytes and whether it stayed in memory (spool None: the default)."""
+    spool = {} if spool_bytes is None else {"spool_bytes": spool_bytes}
 
     async def parse() -> list[tuple[bytes, bool]]:
         chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
         req = request(chunks, headers)
         req.scope["app"] = None  # inside an app, Starlette turns parse errors into a 400
-        async with _form(
-            req, 10 << 20, max_files=4, param="image", spool_bytes=spool_bytes
-        ) as form:
+        async with _form(req, 10 << 20, max_files=4, param="image", **spool) as form:
             parts = [value for _, value in form.multi_items()]
             return [(await part.read(), part._in_memory) for part in parts]
 
