@@ -170,8 +170,13 @@ class Preprocessor:
         if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
             raise ConfigError("preprocess mean and std need 3 values each, std > 0")
         self.config = config
-        self._mean = np.asarray(config.mean, dtype=np.float32)
-        self._std = np.asarray(config.std, dtype=np.float32)
+        # Each channel's normalised value for every 8-bit level, computed as
+        # (level / 255 - mean) / std in float32: looking pixels up in it gives the same floats
+        # as doing that arithmetic on every pixel, in a third of the time.
+        levels = np.arange(256, dtype=np.float32)[:, None]
+        mean = np.asarray(config.mean, dtype=np.float32)
+        std = np.asarray(config.std, dtype=np.float32)
+        self._table = np.ascontiguousarray(((levels / np.float32(255.0) - mean) / std).T)
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
         """Shorter side to ``resize_size``, then a centre crop of ``image_size``."""
@@ -191,12 +196,14 @@ class Preprocessor:
         return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = np.asarray(self.resize_and_crop(image.convert("RGB")), dtype=np.float32)
+        pixels = np.asarray(self.resize_and_crop(image.convert("RGB")))  # (S, S, 3) uint8
         # NumPy, not torch: this runs in the server's decoding threads, and a torch op there
         # starts an OpenMP team that fights the model's threads for the cores (a 224x224
         # normalisation took 25 ms instead of 0.3 ms on a busy 2-core machine).
-        normalised = (pixels / np.float32(255.0) - self._mean) / self._std  # (S, S, 3)
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+        normalised = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[:, :, channel], out=normalised[channel])
+        return torch.from_numpy(normalised)
 
     def frames(self, images: list[Image.Image]) -> torch.Tensor:
         """Stack a frame sequence into a (T, 3, S, S) tensor."""

@@ -74,6 +74,17 @@ def test_preprocessor_resizes_crops_and_normalises() -> None:
     assert torch.allclose(tensor[1], -torch.ones(32, 32))
 
 
+def test_normalisation_gives_the_same_floats_as_the_arithmetic_on_every_pixel() -> None:
+    """The preprocessor looks levels up in a table; the model was trained on the arithmetic."""
+    config = PreprocessConfig(image_size=48, resize_size=48)
+    levels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    levels[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]  # both ends of the range
+    pixels = levels.astype(np.float32)
+    mean, std = np.float32(config.mean), np.float32(config.std)
+    expected = torch.from_numpy(((pixels / np.float32(255.0) - mean) / std).transpose(2, 0, 1))
+    assert torch.equal(Preprocessor(config)(Image.fromarray(levels)), expected)
+
+
 def test_sample_indices_are_uniform_segment_centres() -> None:
     assert sample_indices(20, 4) == [2, 7, 12, 17]
     assert sample_indices(3, 5) == [0, 0, 1, 2, 2]
