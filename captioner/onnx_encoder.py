@@ -19,9 +19,11 @@ import logging
 import os
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,18 +47,48 @@ def cache_dir() -> Path:
 
 
 class OnnxEncoder(nn.Module):
-    """Drop-in for an ImageEncoder in eval mode: pixels (N, 3, S, S) -> features (N, D)."""
+    """Drop-in for an ImageEncoder in eval mode: pixels (N, 3, S, S) -> features (N, D).
 
-    def __init__(self, session: object, config: EncoderConfig, path: Path) -> None:
+    One image runs on ``session``, whose kernels split each layer across the cores. A batch is
+    cut instead into one part per core, and the parts run at once on ``part_session``, which
+    has one thread per run: 48 small layers then cost no hand-offs between threads, and a
+    core the decoder or the JPEG threads take for a moment delays its own part only (2-core
+    x86: 16 images 76-104 -> 90-110 images/s, 2 images 86-105 -> 105-118; over HTTP at 16
+    clients +10%). The outputs are the same rows either way.
+    """
+
+    def __init__(
+        self,
+        session: object,
+        config: EncoderConfig,
+        path: Path,
+        *,
+        part_session: object | None = None,
+        parts: int = 1,
+    ) -> None:
         super().__init__()
         self.session = session
+        self.part_session = part_session if parts > 1 else None
+        self.parts = parts
+        # The calling thread runs the first part; these threads run the others.
+        self._pool = (
+            ThreadPoolExecutor(parts - 1, thread_name_prefix="onnx-part")
+            if self.part_session is not None
+            else None
+        )
         self.config = config  # what pooled_embedding and the tagger read, as on ImageEncoder
         self.path = path  # the exported graph
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        (features,) = self.session.run(None, {"pixels": array})  # type: ignore[attr-defined]
-        return torch.from_numpy(features)
+        if self._pool is None or len(array) < 2:
+            (features,) = self.session.run(None, {"pixels": array})  # type: ignore[attr-defined]
+            return torch.from_numpy(features)
+        first, *others = np.array_split(array, min(self.parts, len(array)))
+        run = self.part_session.run  # type: ignore[attr-defined]
+        pending = [self._pool.submit(run, None, {"pixels": part}) for part in others]
+        (features,) = run(None, {"pixels": first})
+        return torch.from_numpy(np.concatenate([features, *(p.result()[0] for p in pending)]))
 
 
 def fingerprint(encoder: ImageEncoder, image_size: int) -> str:
@@ -121,21 +153,35 @@ def onnx_encoder(
         if not path.is_file():
             log.info("exporting the CNN encoder to ONNX at %s (once per set of weights)", path)
             export(encoder, image_size, path)
+        threads = threads or torch.get_num_threads()
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         # No busy-waiting between runs by default: PyTorch's decoder and the media threads need
         # the cores the moment the CNN is done.
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         options.log_severity_level = 3  # errors only; the fallback below reports them
-        session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
+
+        def session(intra_op_threads: int) -> object:
+            options.intra_op_num_threads = intra_op_threads
+            return onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+
+        fast = OnnxEncoder(
+            session(threads),
+            encoder.config,
+            path,
+            part_session=session(1) if threads > 1 else None,
+            parts=threads,
         )
-        fast = OnnxEncoder(session, encoder.config, path)
+        # Two images run as two parts, one image as a whole: both sessions are checked.
         probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             expected = encoder.eval()(probe).float()
-        difference = (fast(probe) - expected).abs().max().item()
+        difference = max(
+            (fast(probe) - expected).abs().max().item(),
+            (fast(probe[:1]) - expected[:1]).abs().max().item(),
+        )
         if not difference <= TOLERANCE * max(1.0, expected.abs().max().item()):
             raise RuntimeError(f"its outputs differ from PyTorch's by {difference:.2e}")
     except Exception as exc:  # any failure here only costs speed: say so and go on

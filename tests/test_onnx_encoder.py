@@ -32,6 +32,26 @@ def test_onnx_runtime_gives_the_pytorch_features(encoder, tmp_path) -> None:
     assert fast(pixels[:1]).shape == expected[:1].shape  # the batch size is dynamic
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_batch_cut_into_parts_gives_the_rows_of_the_whole_batch_in_order(
+    encoder, tmp_path, threads
+) -> None:
+    fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=threads, folder=tmp_path)
+    assert isinstance(fast, OnnxEncoder) and fast.parts == threads
+    pixels = torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    (whole,) = fast.session.run(None, {"pixels": pixels.numpy()})  # one run, all 5 rows
+    with torch.inference_mode():
+        expected = encoder(pixels)
+    for batch in (pixels, pixels[:2], pixels[:1]):  # parts of 2+2+1 (or 3+2), 1+1, none
+        torch.testing.assert_close(fast(batch), torch.from_numpy(whole[: len(batch)]))
+        torch.testing.assert_close(fast(batch), expected[: len(batch)], rtol=1e-4, atol=1e-4)
+
+
+def test_one_thread_runs_every_batch_whole(encoder, tmp_path) -> None:
+    fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=1, folder=tmp_path)
+    assert isinstance(fast, OnnxEncoder) and fast.part_session is None
+
+
 def test_the_export_is_cached_by_the_weights(encoder, tmp_path, monkeypatch) -> None:
     assert onnx_encoder.onnx_encoder(encoder, SIZE, folder=tmp_path) is not None
     assert [p.name for p in tmp_path.iterdir()] == [f"{fingerprint(encoder, SIZE)}.onnx"]
