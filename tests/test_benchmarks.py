@@ -29,7 +29,12 @@ async def _app(scope, receive, send) -> None:  # a plain ASGI app: 200, or 503 f
             break
     await asyncio.sleep(0.01)  # a request takes a little while, as a model call would
     status = 503 if b"fail" in body else 200
-    await send({"type": "http.response.start", "status": status, "headers": []})
+    headers = []  # no length: uvicorn sends the body in chunks
+    if b"length" in body:
+        headers = [(b"content-length", b"2")]
+    elif b"close" in body:
+        headers = [(b"content-length", b"2"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"{}"})
 
 
@@ -76,6 +81,21 @@ def test_the_window_lasts_until_every_client_is_measured(url: str) -> None:
     request = multipart("image", "a.jpg", b"ok", "image/jpeg")
     result = load(url, [request], concurrency=8, warm_up_s=0.0, seconds=0.0)
     assert result.completed >= 8  # at least one answer per client, however short the window
+
+
+def test_the_load_generator_reads_every_kind_of_response_framing(url: str) -> None:
+    # chunked, a content-length with keep-alive, and a content-length then a closed connection
+    requests = [
+        multipart("image", "a.jpg", body, "image/jpeg") for body in (b"ok", b"length", b"close")
+    ]
+    result = load(url, requests, concurrency=3, warm_up_s=0.1, seconds=0.5)
+    assert result.failed == {} and result.completed >= 30
+
+
+def test_a_server_that_is_not_there_is_counted_as_failures() -> None:
+    request = multipart("image", "a.jpg", b"ok", "image/jpeg")
+    result = load(f"http://127.0.0.1:{free_port()}/", [request], 2, warm_up_s=0, seconds=0.2)
+    assert result.completed == 0 and result.failed.get("ConnectionRefusedError", 0) >= 2
 
 
 def test_percentiles_are_nearest_rank() -> None:
