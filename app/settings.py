@@ -38,7 +38,10 @@ class Settings(BaseSettings):
         False, description="torch.compile the encoder at start-up (when it runs in PyTorch)"
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for the model; unset = the CPUs this process may use"
+        None,
+        ge=1,
+        description="CPU threads for the model's CNN; unset = the CPUs this process may use. "
+        "When the CNN runs on ONNX Runtime, the PyTorch decoder gets half of them",
     )
 
     # -- server ------------------------------------------------------------------------------

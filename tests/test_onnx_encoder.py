@@ -118,3 +118,24 @@ def test_captions_are_the_same_on_either_runtime(tiny_checkpoint) -> None:
     assert [c.text for c in got] == [c.text for c in want]
     for a, b in zip(got, want, strict=True):
         assert a.log_prob == pytest.approx(b.log_prob, abs=1e-3)
+
+
+@pytest.fixture
+def torch_threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("threads", "decoder_threads"), [(1, 1), (2, 1), (4, 2)])
+def test_loading_gives_the_cnn_every_thread_and_the_decoder_half(
+    tiny_checkpoint, torch_threads_restored, threads, decoder_threads
+) -> None:
+    captioner = Captioner.load(tiny_checkpoint, device="cpu", num_threads=threads)
+    assert isinstance(captioner.cnn, OnnxEncoder) and captioner.cnn.parts == threads
+    assert torch.get_num_threads() == decoder_threads
+
+
+def test_a_cnn_in_pytorch_keeps_every_thread(tiny_checkpoint, torch_threads_restored) -> None:
+    Captioner.load(tiny_checkpoint, device="cpu", num_threads=2, encoder_runtime="torch")
+    assert torch.get_num_threads() == 2
