@@ -113,8 +113,10 @@ def main() -> None:
     seconds = 1.5 if args.quick else 4.5
     clips = [8] if args.quick else [8, 16]
 
+    threads = torch.get_num_threads()  # loading the ONNX Runtime path halves PyTorch's
     runtimes = {}
     captioners = {}
+    decoder_threads = {}
     # On a GPU the CNN stays in PyTorch (there is no ONNX Runtime path to compare).
     for runtime in ["torch", "auto"] if args.device == "cpu" else ["torch"]:
         captioner = Captioner.load(
@@ -122,6 +124,7 @@ def main() -> None:
         )
         captioners[runtime] = captioner
         name = captioner.describe()["encoder_runtime"]
+        decoder_threads[name] = torch.get_num_threads()
         runtimes[name] = measure(captioner, batches, clips, seconds)
 
     spinning = None
@@ -129,7 +132,9 @@ def main() -> None:
         # The CNN alone with ONNX Runtime's threads busy-waiting between runs: faster on its
         # own, slower in the server (captioner/onnx_encoder.py), shown for comparison.
         size = captioners["auto"].checkpoint.preprocess.image_size
-        spinner = onnx_encoder(captioners["auto"].model.encoder, size, spinning=True)
+        spinner = onnx_encoder(
+            captioners["auto"].model.encoder, size, threads=threads, spinning=True
+        )
         if spinner is not None:
             spinning = {}
             for batch in batches:
@@ -143,7 +148,8 @@ def main() -> None:
 
     report: dict[str, object] = {
         "machine": machine(args.device),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "decoder_threads": decoder_threads,  # PyTorch's, per CNN runtime (Captioner.load)
         "model": str(args.model or "shipped default"),
         "precision": str(captioners["torch"].dtype).removeprefix("torch."),
         "decoding": vars(captioners["torch"].options()),
