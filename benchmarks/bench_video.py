@@ -178,6 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     # Decoding a whole 60 s clip takes seconds, long enough that one run varies little.
     repeats, baseline_repeats = (2, 1) if args.quick else (5, 3)
+    threads = torch.get_num_threads()  # before loading, which gives PyTorch half (inference.py)
     captioner = Captioner.load()
     num_frames = captioner.checkpoint.preprocess.num_frames
     rows = {}
@@ -188,8 +189,8 @@ def main() -> None:
             rows[clip] = measure(captioner, path, num_frames, repeats, baseline_repeats)
             print(clip, rows[clip], flush=True)
     report = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs (shared), {torch.get_num_threads()} "
-        "torch threads, CPU only",
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs (shared), {threads} threads "
+        f"({torch.get_num_threads()} for PyTorch's decoder), CPU only",
         "pyav": av.__version__,
         "clip": f"{SIZE[0]}x{SIZE[1]} {FPS} fps H.264 (libx264 veryfast), {num_frames} sampled",
         "repeats": {"ours": repeats, "decode_all": baseline_repeats},

@@ -132,6 +132,11 @@ def model_section(model: dict[str, Any]) -> list[str]:
         "server makes (CNN, temporal LSTM, beam-3 decoding).",
         "",
     ]
+    decoder_threads = model.get("decoder_threads", {})
+    if any(threads != model["threads"] for threads in decoder_threads.values()):
+        lines[-2] += " PyTorch's threads beside each CNN runtime (what `Captioner.load` sets): " + (
+            ", ".join(f"{name} {threads}" for name, threads in decoder_threads.items()) + "."
+        )
     header = "| batch |" + "".join(f" {n} encoder | {n} + beam 3 |" for n in names)
     lines += [header, "|---|" + "---|---|" * len(names)]
     batches = [key for key in runtimes[names[0]] if key.startswith("batch_")]
