@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     )
 
     # -- engine ------------------------------------------------------------------------------
-    # 16: on 2 cores, 16 clients fill two batches of 8 and leave no overlap with one of 32, so
-    # 16 beat both (HTTP 640x480 A/B against 8: +6% at 16 clients, +11% at 64; 4000x3000 +5%).
+    # 16, measured over HTTP on 2 cores against 8: +6% at 16 clients and +11% at 64 (640x480),
+    # +5% at 16 (4000x3000). 32 was 3% slower than 8 at 16 clients, where one batch of all 16
+    # requests leaves the JPEG threads nothing to decode while it runs.
     max_batch_size: int = Field(16, ge=1, le=256, description="inputs per model call")
     max_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="how long a batch waits to fill up before it runs"

@@ -147,7 +147,7 @@ async def _client(
                 await writer.drain()
                 status, keep_alive = await _read_answer(reader)
             outcome = "ok" if status == 200 else f"http {status}"
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (OSError, TimeoutError, ValueError, EOFError, asyncio.LimitOverrunError) as exc:
             outcome, keep_alive = type(exc).__name__, False
         if not keep_alive and streams is not None:
             streams[1].close()
