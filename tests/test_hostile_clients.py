@@ -242,21 +242,27 @@ class SlowClients:
         """For each connection: when (seconds after opening) the server answered or closed
         it, and what it sent."""
         self.driver.join(within_s)
+        self.close()
+        return self.found
+
+    def close(self) -> None:
+        """Stop trickling and close every connection (a failed test leaves none open)."""
         self.stop.set()
+        self.driver.join(5)  # it may be reading an answer (2 s timeout); then no socket it uses
         for socks in self.sockets.values():
             for sock in socks:
                 sock.close()
-        return self.found
 
 
 @pytest.mark.slow
 def test_slow_and_stalled_clients_neither_block_others_nor_hold_on_past_their_timeouts(
-    server,
+    server, request
 ) -> None:
     image = png(5)
     latencies(server, image, 10)  # warm
     unloaded = latencies(server, image, 60)
     slow = SlowClients(server.port, each=8)  # 32 slow connections
+    request.addfinalizer(slow.close)
     time.sleep(1.0)
     loaded = latencies(server, image, 60)
     loaded_within_s = time.monotonic() - slow.opened
