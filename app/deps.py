@@ -1,9 +1,4 @@
-"""The dependencies routes receive: settings, the service, and the request's id and clock.
-
-They are ``async def`` although none of them awaits: FastAPI runs a plain ``def`` dependency
-in its thread pool, and a caption request resolves six of these, so six thread hand-offs per
-request cost the event loop about 15% of its time under load (py-spy, 16 clients).
-"""
+"""The dependencies routes receive: settings, the service, and the request's id and clock."""
 
 from __future__ import annotations
 
@@ -17,20 +12,20 @@ from app.service import CaptionService
 from app.settings import Settings
 
 
-async def get_app_settings(request: Request) -> Settings:
+def get_app_settings(request: Request) -> Settings:
     """The settings this app was created with (``create_app``)."""
     return request.app.state.settings
 
 
-async def get_service(request: Request) -> CaptionService:
+def get_service(request: Request) -> CaptionService:
     return request.app.state.service
 
 
-async def get_request_id(request: Request) -> str:
+def get_request_id(request: Request) -> str:
     return request.state.request_id
 
 
-async def get_started(request: Request) -> float:
+def get_started(request: Request) -> float:
     """When the request arrived (``time.perf_counter``), for ``timings_ms.total``."""
     return getattr(request.state, "started", None) or time.perf_counter()
 
@@ -41,7 +36,7 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 StartedDep = Annotated[float, Depends(get_started)]
 
 
-async def get_ready_service(service: ServiceDep) -> CaptionService:
+def get_ready_service(service: ServiceDep) -> CaptionService:
     """The service, once the model is loaded and warm; ``NotReady`` (503) before that."""
     service.require_ready()
     return service
@@ -61,7 +56,7 @@ class CaptionContext:
     started: float  # time.perf_counter() when the request arrived
 
 
-async def get_caption_context(
+def get_caption_context(
     request: Request,
     service: ReadyServiceDep,
     settings: SettingsDep,
