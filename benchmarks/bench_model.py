@@ -120,7 +120,11 @@ def main() -> None:
     # On a GPU the CNN stays in PyTorch (there is no ONNX Runtime path to compare).
     for runtime in ["torch", "auto"] if args.device == "cpu" else ["torch"]:
         captioner = Captioner.load(
-            args.model, device=args.device, precision=args.precision, encoder_runtime=runtime
+            args.model,
+            device=args.device,
+            precision=args.precision,
+            encoder_runtime=runtime,
+            max_batch_size=max(batches),  # else a batch of 64 runs as two model calls of 32
         )
         captioners[runtime] = captioner
         name = captioner.describe()["encoder_runtime"]
