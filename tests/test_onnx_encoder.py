@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +36,7 @@ def test_onnx_runtime_gives_the_pytorch_features(encoder, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_batch_cut_into_parts_gives_the_rows_of_the_whole_batch_in_order(
+def test_a_batch_run_an_image_at_a_time_gives_the_rows_of_the_whole_batch_in_order(
     encoder, tmp_path, threads
 ) -> None:
     fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=threads, folder=tmp_path)
@@ -42,9 +45,49 @@ def test_a_batch_cut_into_parts_gives_the_rows_of_the_whole_batch_in_order(
     (whole,) = fast.session.run(None, {"pixels": pixels.numpy()})  # one run, all 5 rows
     with torch.inference_mode():
         expected = encoder(pixels)
-    for batch in (pixels, pixels[:2], pixels[:1]):  # parts of 2+2+1 (or 3+2), 1+1, none
+    for batch in (pixels, pixels[:2], pixels[:1]):  # 5 and 2 runs of one image; 1 whole
         torch.testing.assert_close(fast(batch), torch.from_numpy(whole[: len(batch)]))
         torch.testing.assert_close(fast(batch), expected[: len(batch)], rtol=1e-4, atol=1e-4)
+
+
+class RecordingSession:
+    """A stand-in for the one-thread session: which thread ran which image. Runs on the thread
+    ``fail_in`` fail."""
+
+    def __init__(self, fail_in: int | None = None) -> None:
+        self.threads: dict[float, int] = {}
+        self.fail_in = fail_in
+
+    def run(self, _outputs: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (image,) = feeds["pixels"]  # one image per run
+        marker = float(image.flat[0])
+        time.sleep(0.01)  # long enough for every thread to take images
+        if threading.get_ident() == self.fail_in:
+            raise RuntimeError("this run failed")
+        self.threads[marker] = threading.get_ident()
+        return [np.full((1, 4), marker, dtype=np.float32)]
+
+
+def test_the_threads_share_out_a_batch_and_its_rows_stay_in_order(encoder, tmp_path) -> None:
+    fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=2, folder=tmp_path)
+    fast.part_session = RecordingSession()
+    pixels = torch.arange(8.0).reshape(8, 1, 1, 1).expand(8, 3, SIZE, SIZE)
+    features = fast(pixels)
+    assert features[:, 0].tolist() == list(range(8))
+    assert len(set(fast.part_session.threads.values())) == 2  # both threads ran images
+
+
+def test_a_failed_run_fails_the_call_after_every_other_run_ended(encoder, tmp_path) -> None:
+    fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=2, folder=tmp_path)
+    # The calling thread's first run fails; the pool's thread goes on with the other images.
+    fast.part_session = session = RecordingSession(fail_in=threading.get_ident())
+    pixels = torch.arange(8.0).reshape(8, 1, 1, 1).expand(8, 3, SIZE, SIZE)
+    with pytest.raises(RuntimeError, match="this run failed"):
+        fast(pixels)
+    ran = dict(session.threads)
+    time.sleep(0.1)
+    assert session.threads == ran  # nothing still running once the error was raised
+    assert len(ran) == 7  # every other image was run
 
 
 def test_one_thread_runs_every_batch_whole(encoder, tmp_path) -> None:
