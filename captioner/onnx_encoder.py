@@ -94,16 +94,20 @@ class OnnxEncoder(nn.Module):
     def _one_image_per_run(self, array: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
         """Features of a batch, each image run alone; ``parts`` threads share out the images."""
         rows: list[np.ndarray] = [array[:0]] * len(array)  # each replaced by its image's row
-        next_image, lock = itertools.count(), threading.Lock()
+        next_image, lock, failed = itertools.count(), threading.Lock(), threading.Event()
         run = self.part_session.run  # type: ignore[attr-defined]
 
         def take_images() -> None:
-            while True:
+            while not failed.is_set():  # once a run failed, the batch has no use for the rest
                 with lock:
                     index = next(next_image)
                 if index >= len(array):
                     return
-                (rows[index],) = run(None, {"pixels": array[index : index + 1]})
+                try:
+                    (rows[index],) = run(None, {"pixels": array[index : index + 1]})
+                except BaseException:
+                    failed.set()
+                    raise
 
         helpers = [pool.submit(take_images) for _ in range(min(self.parts, len(array)) - 1)]
         try:

@@ -79,7 +79,7 @@ def test_the_threads_share_out_a_batch_and_its_rows_stay_in_order(encoder, tmp_p
 
 def test_a_failed_run_fails_the_call_after_every_other_run_ended(encoder, tmp_path) -> None:
     fast = onnx_encoder.onnx_encoder(encoder, SIZE, threads=2, folder=tmp_path)
-    # The calling thread's first run fails; the pool's thread goes on with the other images.
+    # The calling thread's first run fails while the pool's thread runs another image.
     fast.part_session = session = RecordingSession(fail_in=threading.get_ident())
     pixels = torch.arange(8.0).reshape(8, 1, 1, 1).expand(8, 3, SIZE, SIZE)
     with pytest.raises(RuntimeError, match="this run failed"):
@@ -87,7 +87,7 @@ def test_a_failed_run_fails_the_call_after_every_other_run_ended(encoder, tmp_pa
     ran = dict(session.threads)
     time.sleep(0.1)
     assert session.threads == ran  # nothing still running once the error was raised
-    assert len(ran) == 7  # every other image was run
+    assert 1 <= len(ran) <= 3  # the other thread stopped taking images (without: all 7)
 
 
 def test_one_thread_runs_every_batch_whole(encoder, tmp_path) -> None:
