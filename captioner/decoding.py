@@ -9,6 +9,7 @@ in tests.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +46,15 @@ def constrain(
     log_probs: torch.Tensor, history: torch.Tensor, vocab: Vocab, options: DecodingOptions
 ) -> torch.Tensor:
     """Apply the decoding rules to next-token log-probs (N, vocab) given generated ids (N, t)."""
-    original = log_probs
-    log_probs = log_probs.clone()
-    log_probs[:, [vocab.pad_id, vocab.bos_id]] = NEG_INF  # never generated, only used as inputs
-    if options.suppress_unk:
-        log_probs[:, vocab.unk_id] = NEG_INF
     steps = history.shape[1]
+    banned = [vocab.pad_id, vocab.bos_id]  # never generated, only used as inputs
+    if options.suppress_unk:
+        banned.append(vocab.unk_id)
     if steps < options.min_length:
-        log_probs[:, vocab.eos_id] = NEG_INF
+        banned.append(vocab.eos_id)
+    # One addition of a cached row of 0 and -inf: the same values as writing -inf into a copy,
+    # in one operation instead of four (a beam-search step at batch 1 is mostly such overhead).
+    constrained = log_probs + _ban_row(tuple(banned), log_probs.shape[1], log_probs.device)
     n = options.no_repeat_ngram_size
     if n > 0 and steps >= n:
         # Every earlier n-gram whose first n-1 tokens equal the last n-1 generated ones bans
@@ -60,13 +62,25 @@ def constrain(
         windows = history.unfold(1, n, 1)  # (N, steps-n+1, n)
         prefix = history[:, steps - (n - 1) :].unsqueeze(1)  # (N, 1, n-1)
         matches = (windows[:, :, : n - 1] == prefix).all(-1)  # (N, steps-n+1)
-        banned = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.float())
-        log_probs = log_probs.masked_fill(banned > 0, NEG_INF)
+        counts = torch.zeros_like(constrained).scatter_add_(1, windows[:, :, -1], matches.float())
+        constrained = constrained.masked_fill(counts > 0, NEG_INF)
+    elif vocab.eos_id not in banned:
+        # With <eos> allowed and no n-gram rule, a hypothesis left no token had <eos> at -inf
+        # already, and the repair below would give it that same -inf: nothing to check.
+        return constrained
     # When the rules leave a hypothesis no token at all, it may end: a caption, never a crash.
-    stuck = torch.isinf(log_probs).all(dim=1)
+    stuck = torch.isinf(constrained).all(dim=1)
     if bool(stuck.any()):
-        log_probs[stuck, vocab.eos_id] = original[stuck, vocab.eos_id]
-    return log_probs
+        constrained[stuck, vocab.eos_id] = log_probs[stuck, vocab.eos_id]
+    return constrained
+
+
+@functools.lru_cache(maxsize=64)
+def _ban_row(banned: tuple[int, ...], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(vocab,) float32: -inf at the ``banned`` ids, 0 elsewhere."""
+    row = torch.zeros(vocab_size, device=device)
+    row[list(banned)] = NEG_INF
+    return row
 
 
 def _finished_row(vocab_size: int, pad_id: int, like: torch.Tensor) -> torch.Tensor:
@@ -89,12 +103,11 @@ def greedy_decode(
     totals = torch.zeros(batch, dtype=torch.float32, device=visual.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=visual.device)
     lengths = torch.zeros(batch, dtype=torch.long, device=visual.device)
+    finished_row = _finished_row(len(vocab), vocab.pad_id, totals)
     for _ in range(options.max_length):
         log_probs, state = model.decoder.step(last, state, visual)  # (B, vocab)
         log_probs = constrain(log_probs, history, vocab, options)
-        log_probs = torch.where(
-            finished.unsqueeze(1), _finished_row(len(vocab), vocab.pad_id, log_probs), log_probs
-        )
+        log_probs = torch.where(finished.unsqueeze(1), finished_row, log_probs)
         # The same arithmetic as a beam of one (running total + step), so ties break alike.
         totals, last = (totals.unsqueeze(1) + log_probs).topk(1, dim=1)
         totals, last = totals.squeeze(1), last.squeeze(1)
@@ -126,12 +139,11 @@ def beam_search(
     finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * beams, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * beams).unsqueeze(1)  # (B, 1)
+    finished_row = _finished_row(vocab_size, vocab.pad_id, scores)
     for _ in range(options.max_length):
         log_probs, (h, c) = model.decoder.step(last, (h, c), visual)  # (B*K, vocab)
         log_probs = constrain(log_probs, history, vocab, options)
-        log_probs = torch.where(
-            finished.unsqueeze(1), _finished_row(vocab_size, vocab.pad_id, log_probs), log_probs
-        )
+        log_probs = torch.where(finished.unsqueeze(1), finished_row, log_probs)
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab_size)
         scores, flat_index = candidates.topk(beams, dim=1)  # (B, K), best first
         origin = (flat_index // vocab_size + offsets).view(-1)  # (B*K,) beam each one extends

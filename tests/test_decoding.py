@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captioner.config import DecodingOptions
-from captioner.decoding import beam_search, generate, greedy_decode
+from captioner.decoding import NEG_INF, beam_search, constrain, generate, greedy_decode
 from captioner.vocab import Vocab
 
 VOCAB = Vocab(["a", "b", "c"])  # ids: <pad>0 <bos>1 <eos>2 <unk>3 a4 b5 c6
@@ -158,6 +158,41 @@ def test_when_the_rules_ban_every_token_the_caption_ends_instead_of_crashing() -
     assert hyp.log_prob == pytest.approx(math.log(0.01), abs=1e-6)
     [nbest] = beam_search(model, visual_for(0), VOCAB, options(beam_size=2, no_repeat_ngram_size=1))
     assert nbest and nbest[0].tokens == (A,)
+
+
+def reference_constrain(log_probs, history, vocab, opts):
+    """The rules written out plainly: -inf written into a copy, then the stuck repair."""
+    out = log_probs.clone()
+    out[:, [vocab.pad_id, vocab.bos_id]] = NEG_INF
+    if opts.suppress_unk:
+        out[:, vocab.unk_id] = NEG_INF
+    if history.shape[1] < opts.min_length:
+        out[:, vocab.eos_id] = NEG_INF
+    n, steps = opts.no_repeat_ngram_size, history.shape[1]
+    for row in range(len(out)):
+        tokens = history[row].tolist()
+        for start in range(steps - n + 1 if n > 0 and steps >= n else 0):
+            if tokens[start : start + n - 1] == tokens[steps - (n - 1) :]:
+                out[row, tokens[start + n - 1]] = NEG_INF
+        if torch.isinf(out[row]).all():
+            out[row, vocab.eos_id] = log_probs[row, vocab.eos_id]
+    return out
+
+
+@pytest.mark.parametrize("min_length", [0, 3])
+@pytest.mark.parametrize("suppress_unk", [True, False])
+@pytest.mark.parametrize("ngram", [0, 1, 2])
+def test_constrain_applies_every_rule_like_the_plain_reference(min_length, suppress_unk, ngram):
+    generator = torch.Generator().manual_seed(min_length * 10 + ngram)
+    opts = options(min_length=min_length, suppress_unk=suppress_unk, no_repeat_ngram_size=ngram)
+    for steps in range(5):
+        log_probs = torch.randn(6, len(VOCAB), generator=generator).log_softmax(-1)
+        log_probs[0, [A, B, C]] = NEG_INF  # only specials and <eos> left on offer
+        log_probs[1, [A, B, C, EOS]] = NEG_INF  # only specials: stuck once they are banned
+        history = torch.randint(A, C + 1, (6, steps), generator=generator)
+        history[2] = A  # repeats: the n-gram rule bans "a"
+        expected = reference_constrain(log_probs, history, VOCAB, opts)
+        assert torch.equal(constrain(log_probs, history, VOCAB, opts), expected)
 
 
 def test_invalid_options_are_rejected() -> None:
