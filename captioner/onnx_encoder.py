@@ -1,8 +1,9 @@
-"""ONNX Runtime for the CNN encoder on CPUs: the same weights and outputs, 2.5-4x the images/s.
+"""ONNX Runtime for the CNN encoder on CPUs: the same weights and outputs, 2.7-4.9x the images/s.
 
 Eager PyTorch runs EfficientNet-Lite0's depthwise convolutions far from what a CPU can do;
-ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU: 42 -> 112 images/s at
-batch 1, 38 -> 150 at batch 32, max abs difference 3e-5; ``python -m benchmarks.bench_model``).
+ONNX Runtime's CPU kernels fuse them (measured on a 2-core x86 CPU in two runs: 28-42 -> 112-115
+images/s at batch 1, 31-38 -> 150-152 at batch 32, max abs difference 3e-5;
+``python -m benchmarks.bench_model``).
 The encoder is exported once per set of weights, into a cache folder keyed by the SHA-256
 of its weights and config, and every new session is checked
 against PyTorch on a probe batch before it is used. Anything that goes wrong (the runtime is
